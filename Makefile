@@ -1,0 +1,40 @@
+# Every target creates and fills the project's virtual environment (.venv) when it is missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV := .venv
+PY := $(VENV)/bin/python
+JOBS ?= 2
+
+.PHONY: venv test book execute lab bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Every test: the pytest suite (normcode against torch.nn, the book build with -W, the browser
+# check) and nbval in strict mode over every chapter, each notebook in a fresh kernel.
+test: venv
+	$(PY) -m pytest -n $(JOBS) --dist loadfile tests
+	$(PY) -m pytest -n $(JOBS) --dist loadfile --nbval --nbval-current-env \
+	    --nbval-sanitize-with chapters/sanitize.cfg -p no:randomly chapters
+
+# The book, from the notebooks' stored outputs, with warnings as errors.
+book: venv
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+# Re-execute every chapter in place, so the stored outputs are what the code prints.
+execute: venv
+	cd chapters && for nb in *.ipynb; do ../$(VENV)/bin/jupyter execute --inplace "$$nb"; done
+
+# Open the chapters in JupyterLab, in the project's environment (normcode importable).
+lab: venv
+	$(PY) -m pip install --quiet -r requirements-lab.txt
+	$(VENV)/bin/jupyter lab chapters
+
+clean:
+	rm -rf _build

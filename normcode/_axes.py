@@ -1,0 +1,58 @@
+"""Which elements share one mean and one variance: the statistics set of every norm.
+
+This module is the single place that says which axes each normalization reduces. The
+functionals in :mod:`normcode.functional` compute their statistics through
+:func:`statistics_view`, the cube figure colours its voxels with :func:`statistic_ids`, and a
+test checks both against the sparsity of torch.nn's Jacobians. So the picture in the book
+cannot disagree with the code.
+"""
+import math
+
+import torch
+
+#: The norms whose statistics set is one reduction, with the axes it reduces for an (N, C, *) input.
+NORMS = {
+    "batch": "per channel, over N and every position",
+    "instance": "per sample and channel, over every position",
+    "layer": "per sample, over the trailing normalized_shape",
+    "group": "per sample and group of C // G contiguous channels, over the group and every position",
+    "rms": "per sample, over the trailing normalized_shape (root mean square, no centring)",
+}
+
+
+def statistics_view(x, norm, *, num_groups=None, normalized_ndim=None):
+    """Return ``(view, dims)``: a view of ``x`` and the dims of that view to reduce.
+
+    Two elements of ``view`` share one mean and variance exactly when their indices agree on
+    every dim not in ``dims``.
+    """
+    if norm == "batch":                       # one statistic per channel
+        return x, (0, *range(2, x.dim()))
+    if norm == "instance":                    # one per (sample, channel)
+        return x, tuple(range(2, x.dim()))
+    if norm in ("layer", "rms"):              # one per leading index
+        if normalized_ndim is None:
+            raise TypeError(f"norm {norm!r} needs normalized_ndim")
+        return x, tuple(range(x.dim() - normalized_ndim, x.dim()))
+    if norm == "group":                       # one per (sample, group)
+        if num_groups is None:
+            raise TypeError("norm 'group' needs num_groups")
+        return x.reshape(x.shape[0], num_groups, -1), (2,)    # (N, G, C//G * prod(spatial))
+    raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(NORMS)}")
+
+
+def statistic_ids(norm, shape, **options):
+    """An integer tensor of ``shape`` whose entry says which statistic each element belongs to.
+
+    Elements with equal ids share one mean and variance. Built from :func:`statistics_view`,
+    the same function the layers compute with.
+    """
+    view, dims = statistics_view(torch.empty(shape), norm, **options)
+    stat_shape = [1 if d in dims else n for d, n in enumerate(view.shape)]
+    ids = torch.arange(math.prod(stat_shape)).reshape(stat_shape).expand(view.shape)
+    return ids.reshape(shape)
+
+
+def statistics_count(norm, shape, **options):
+    """How many means (and as many variances) the norm computes for an input of ``shape``."""
+    return int(statistic_ids(norm, shape, **options).unique().numel())
