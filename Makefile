@@ -21,7 +21,7 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -n $(JOBS) --dist loadfile tests
 	$(PY) -m pytest -n $(JOBS) --dist loadfile --nbval --nbval-current-env \
-	    --nbval-sanitize-with chapters/sanitize.cfg -p no:randomly chapters
+	    --nbval-sanitize-with chapters/sanitize.cfg chapters
 
 # The book, from the notebooks' stored outputs, with warnings as errors.
 book: venv
