@@ -25,7 +25,7 @@ test: venv
 
 # The book, from the notebooks' stored outputs, with warnings as errors.
 book: venv
-	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
 
 # Re-execute every chapter in place, so the stored outputs are what the code prints.
 execute: venv

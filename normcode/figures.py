@@ -47,11 +47,11 @@ def _options(norm, shape, num_groups):
 
 
 def statistics_sets(norm, shape=(4, 6, 5), element=(0, 0, 0), *, num_groups=2):
-    """The statistics sets the figure highlights: ``{norm: boolean mask of shape}``.
+    """The sets the figure colours: ``{norm: mask}``, True where an element
+    shares ``element``'s mean and variance.
 
-    A mask is True where an element shares ``element``'s mean and variance. For
-    ``"switchable"`` there is one mask per mixed norm (instance, layer, batch): SN computes all
-    three statistics and blends them.
+    ``"switchable"`` gives three masks (instance, layer, batch): SN computes
+    all three statistics and blends them.
     """
     parts = SWITCHABLE_PARTS if norm == "switchable" else (norm,)
     sets = {}
@@ -107,7 +107,7 @@ def draw_statistics_cube(ax, sets, shape, title=None, subtitle=None):
                  colours[N - 1][c][l], "right")
 
     # Axis labels along three edges, as in Wu & He's figure.
-    label = dict(fontsize=13, color="#222222")
+    label = dict(fontsize=15, color="#222222")
     x, y = _project(N / 2, 0, 0)
     ax.text(x, y - 0.45, "N", ha="center", va="top", **label)
     x, y = _project(0, 0, L / 2)
@@ -123,34 +123,49 @@ def draw_statistics_cube(ax, sets, shape, title=None, subtitle=None):
     ax.set_aspect("equal")
     ax.axis("off")
     if title:
-        ax.set_title(title, fontsize=15, pad=6)
+        ax.set_title(title, fontsize=17, pad=6)
     if subtitle:
         ax.text(0.5, 0.0, subtitle, transform=ax.transAxes, ha="center", va="top",
-                fontsize=11.5, color="#444444")
+                fontsize=13.5, color="#444444")
+
+
+def _panel_axes(fig, count, ncols):
+    """Axes for ``count`` panels, ``ncols`` to a row, a short last row centred."""
+    rows = -(-count // ncols)
+    grid = fig.add_gridspec(rows, 2 * ncols)            # half-width columns
+    axes = []
+    for k in range(count):
+        row, j = divmod(k, ncols)
+        in_row = min(ncols, count - row * ncols)
+        start = (ncols - in_row) + 2 * j
+        axes.append(fig.add_subplot(grid[row, start:start + 2]))
+    return axes
 
 
 def draw_statistics_cubes(fig=None, shape=(4, 6, 5), norms=FIGURE_NORMS, *,
-                          element=(-1, 0, 0), num_groups=2):
+                          element=(-1, 0, 0), num_groups=2, ncols=3):
     """Wu & He's Fig. 2 for ``norms``: one cube per norm, the sets holding ``element`` coloured.
 
     ``shape`` is (N, C, H*W). The default ``element`` (last sample, first channel) puts every
-    set on a visible face. Returns the figure (a new one when ``fig`` is None).
+    set on a visible face. Panels go ``ncols`` to a row. Returns the figure (a new one when
+    ``fig`` is None).
     """
     if fig is None:
-        fig = plt.figure(figsize=(3.0 * len(norms), 3.6), dpi=100)
-    axes = fig.subplots(1, len(norms), squeeze=False)[0]
+        rows = -(-len(norms) // ncols)
+        fig = plt.figure(figsize=(3.2 * min(ncols, len(norms)), 3.5 * rows), dpi=120)
+    axes = _panel_axes(fig, len(norms), ncols)
     for ax, norm in zip(axes, norms):
         sets = statistics_sets(norm, shape, element, num_groups=num_groups)
         if norm == "switchable":
             title, subtitle = TITLES[norm], None
-            ax.legend(handles=[Patch(facecolor=COLOURS[p], edgecolor=EDGE, label=SHORT[p])
+            ax.legend(handles=[Patch(facecolor=COLOURS[p], edgecolor=EDGE, label=SHORT[p] + " set")
                                for p in SWITCHABLE_PARTS],
-                      loc="upper center", bbox_to_anchor=(0.5, 0.035), ncol=3, frameon=False,
-                      fontsize=11.5, handlelength=1.2, handletextpad=0.4, columnspacing=0.9)
+                      loc="upper center", bbox_to_anchor=(0.5, 0.04), ncol=3, frameon=False,
+                      fontsize=12, handlelength=1.1, handletextpad=0.4, columnspacing=0.8)
         else:
             count = statistics_count(norm, shape, **_options(norm, shape, num_groups))
             title = TITLES[norm] + (f" (G = {num_groups})" if norm == "group" else "")
             subtitle = f"{count} sets of {int(sets[norm].sum())} elements"
         draw_statistics_cube(ax, sets, shape, title, subtitle)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.12, top=0.9, wspace=0.06)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.06, top=0.94, wspace=0.1, hspace=0.22)
     return fig

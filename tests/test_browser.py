@@ -1,0 +1,248 @@
+"""The built book, read in a real browser.
+
+Builds the book with warnings as errors, serves ``_build/html`` on 127.0.0.1 and opens every
+page in headless Chromium. On every page: no console error, no request leaving loopback (each
+is recorded and aborted), every formula typeset by the book's own MathJax, every image loaded,
+every link in the page (navigation, table of contents, download button, cross references)
+resolving to a file of the book. Then the search page must find "momentum".
+
+Needs Debian's Chromium at /usr/bin/chromium (playwright cannot download browsers here): without
+it the browser tests skip, unless NORMCODE_REQUIRE_BROWSER=1 (set by CI), where they fail.
+A failing page's screenshot is saved in test-artifacts/. NORMCODE_SCREENSHOTS=1 saves a
+full-page screenshot of every page there, for looking at.
+"""
+import functools
+import http.server
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LOOPBACK = "127.0.0.1"
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _jupyter_book():
+    """The jupyter-book next to the running interpreter (the project's venv), else on PATH."""
+    exe = Path(sys.executable).with_name("jupyter-book")
+    return str(exe) if exe.exists() else shutil.which("jupyter-book")
+
+
+@pytest.fixture(scope="module")
+def build():
+    """Build the book once per session, as `make book` does, with a fresh environment.
+
+    --all re-reads every page: an incremental build skips unchanged pages and with them the
+    warnings they raised last time, so it can pass on a book that does not build clean.
+    """
+    cmd = [_jupyter_book(), "build", ".", "-W", "-n", "--keep-going", "--all"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_book_builds_without_warnings(build):
+    returncode, log = build
+    warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+    assert returncode == 0 and not warnings, (
+        f"jupyter-book build -W -n failed (exit {returncode}):\n" + "\n".join(warnings or [log[-5000:]]))
+
+
+@pytest.fixture(scope="module")
+def site(build):
+    """The built HTML, served on loopback; yields the base URL."""
+    if build[0] != 0:
+        pytest.fail("the book did not build; see test_book_builds_without_warnings")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), functools.partial(Quiet, directory=str(HTML)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://{LOOPBACK}:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium and one context for every page; yields (context, external requests)."""
+    if not Path(CHROMIUM).exists():
+        message = (f"no browser at {CHROMIUM}: install Debian's Chromium (`apt-get install -y chromium`) "
+                   "to run the browser check")
+        if os.environ.get("NORMCODE_REQUIRE_BROWSER") == "1":
+            pytest.fail(message + " (NORMCODE_REQUIRE_BROWSER=1 makes it mandatory)")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    external = []
+
+    def only_loopback(route):
+        url = route.request.url
+        if urlsplit(url).hostname in (None, LOOPBACK):       # None: data: and blob: URLs
+            route.continue_()
+        else:
+            external.append(url)
+            route.abort()
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        context = chromium.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+        context.set_default_timeout(30_000)
+        context.route("**/*", only_loopback)
+        yield context, external
+        chromium.close()
+
+
+# Runs in the page once it has loaded: waits for MathJax and the images, then reports.
+INSPECT = r"""
+async () => {
+  const report = {formulas: 0, untypeset: [], mathErrors: [], rawTex: [], badImages: [], images: 0,
+                  links: [], navLinks: 0, mathjax: null};
+  if (document.querySelector('script[src*="mathjax"]')) {
+    for (let i = 0; i < 400 && !(window.MathJax && MathJax.startup && MathJax.startup.promise); i++)
+      await new Promise(r => setTimeout(r, 50));
+    if (!(window.MathJax && MathJax.startup)) { report.mathjax = 'MathJax never started'; }
+    else { await MathJax.startup.promise; report.mathjax = 'ok'; }
+  }
+  report.formulas = document.querySelectorAll('mjx-container').length;
+  for (const node of document.querySelectorAll('.math'))
+    if (!node.querySelector('mjx-container')) report.untypeset.push(node.textContent.slice(0, 80));
+  report.mathErrors = Array.from(document.querySelectorAll('mjx-merror'),
+                                 e => e.getAttribute('data-mjx-error') || e.textContent);
+
+  // TeX left in the reading text (code is allowed to contain $ and backslashes).
+  const main = document.querySelector('main') || document.body;
+  const walker = document.createTreeWalker(main, NodeFilter.SHOW_TEXT, {acceptNode(node) {
+    return node.parentElement.closest('pre, code, script, style, textarea, mjx-container, .highlight, kbd')
+      ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT; }});
+  const tex = /\\\(|\\\)|\\\[|\\\]|\$\$|\$[^\s$][^$]*\$|\\(frac|sqrt|sum|mathrm|hat|begin)\b/;
+  for (let node = walker.nextNode(); node; node = walker.nextNode())
+    if (tex.test(node.textContent)) report.rawTex.push(node.textContent.trim().slice(0, 80));
+
+  const images = Array.from(document.images);
+  for (const img of images) if (img.loading === 'lazy') img.loading = 'eager';
+  await Promise.all(images.map(img => img.complete ? null : new Promise(r => {
+    img.addEventListener('load', r); img.addEventListener('error', r); setTimeout(r, 15000); })));
+  report.images = images.length;
+  report.badImages = images.filter(img => !img.complete || img.naturalWidth === 0).map(img => img.src);
+
+  const nav = '.bd-sidebar-primary, .bd-sidebar-secondary, .bd-header-article, .prev-next-area, .bd-toc-nav';
+  for (const a of document.querySelectorAll('a[href]')) {
+    report.links.push(a.href);
+    if (a.closest(nav)) report.navLinks++;
+  }
+  return report;
+}
+"""
+
+
+def _pages():
+    """Every built HTML page but search.html (tested on its own, with a query)."""
+    skip = ("_static", "_sources", "_images")
+    return sorted(p.relative_to(HTML).as_posix() for p in HTML.rglob("*.html")
+                  if not p.relative_to(HTML).parts[0] in skip and p.name != "search.html")
+
+
+@functools.lru_cache(maxsize=None)
+def _ids(path):
+    return set(re.findall(r'\sid="([^"]+)"', path.read_text(encoding="utf-8", errors="replace")))
+
+
+def _broken_link(url, base):
+    """Why a link into the book does not resolve (None if it does, or leaves the book)."""
+    if not url.startswith(base):
+        return None                                  # external: a link, never fetched here
+    parts = urlsplit(url)
+    target = HTML / unquote(parts.path.lstrip("/"))
+    if target.is_dir():
+        target = target / "index.html"
+    if not target.is_file():
+        return f"{url}: no such file"
+    fragment = unquote(parts.fragment)
+    if fragment and target.suffix == ".html" and fragment not in _ids(target):
+        return f"{url}: no element with id {fragment!r}"
+    return None
+
+
+def _open(context, url):
+    """Open ``url`` in a new page; returns (page, console errors) with listeners attached."""
+    page = context.new_page()
+    errors = []
+    page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    page.on("requestfailed", lambda req: errors.append(f"request failed: {req.url} ({req.failure})"))
+    page.on("response", lambda res: errors.append(f"HTTP {res.status}: {res.url}") if res.status >= 400 else None)
+    page.goto(url, wait_until="load")
+    return page, errors
+
+
+def _screenshot(page, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / (name.replace("/", "__").removesuffix(".html") + ".png")
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_every_page_renders_offline(site, browser):
+    context, external = browser
+    pages = _pages()
+    assert "index.html" in pages and len(pages) >= 3, pages
+    problems, formulas, images, links, nav_links = {}, 0, 0, 0, 0
+    for name in pages:
+        seen = len(external)
+        page, errors = _open(context, site + name)
+        report = page.evaluate(INSPECT)
+        page.wait_for_timeout(100)                     # let late requests show up
+        found = list(errors)
+        found += [f"request outside loopback (aborted): {url}" for url in external[seen:]]
+        if report["mathjax"] not in (None, "ok"):
+            found.append(report["mathjax"])
+        found += [f"formula not typeset: {tex!r}" for tex in report["untypeset"]]
+        found += [f"MathJax error: {message}" for message in report["mathErrors"]]
+        found += [f"raw TeX in the text: {text!r}" for text in report["rawTex"]]
+        found += [f"image did not load: {src}" for src in report["badImages"]]
+        found += [why for why in map(lambda url: _broken_link(url, site), report["links"]) if why]
+        formulas += report["formulas"]
+        images += report["images"]
+        links += len(report["links"])
+        nav_links += report["navLinks"]
+        if found:
+            problems[name] = found + [f"screenshot: {_screenshot(page, name)}"]
+        elif os.environ.get("NORMCODE_SCREENSHOTS") == "1":
+            _screenshot(page, name)
+        page.close()
+    print(f"\nbrowser check: {len(pages)} pages, {formulas} formulas typeset, {images} images loaded, "
+          f"{links} links checked ({nav_links} in the navigation)")
+    assert not problems, "\n".join(f"{name}:\n  " + "\n  ".join(found) for name, found in problems.items())
+    assert formulas > 0, "no formula was typeset anywhere: is MathJax loaded?"
+
+
+def test_search_finds_momentum(site, browser):
+    context, external = browser
+    seen = len(external)
+    page, errors = _open(context, site + "search.html?q=momentum")
+    results = page.locator("#search-results ul.search li")
+    try:
+        results.first.wait_for(timeout=20_000)
+    except Exception:
+        pytest.fail(f"no search result for 'momentum' (screenshot: {_screenshot(page, 'search')})")
+    hits = [results.nth(i).locator("a").first.get_attribute("href") for i in range(results.count())]
+    assert not errors and len(external) == seen, (errors, external[seen:])
+    assert any("glossary" in href for href in hits), hits
+    print(f"\nsearch: 'momentum' found on {len(hits)} page(s)")
+    page.close()
