@@ -37,7 +37,8 @@ def statistics_view(x, norm, *, num_groups=None, normalized_ndim=None):
     if norm == "group":                       # one per (sample, group)
         if num_groups is None:
             raise TypeError("norm 'group' needs num_groups")
-        return x.reshape(x.shape[0], num_groups, -1), (2,)    # (N, G, C//G * prod(spatial))
+        group_size = x.shape[1] // num_groups * math.prod(x.shape[2:])   # spelled out: N may be 0
+        return x.reshape(x.shape[0], num_groups, group_size), (2,)      # (N, G, C//G * prod(spatial))
     raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(NORMS)}")
 
 

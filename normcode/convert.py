@@ -23,6 +23,9 @@ def _constructor_kwargs(layer, cls):
             affine = getattr(layer, "affine", getattr(layer, "elementwise_affine", False))
             kwargs[name] = layer.bias is not None if affine else True
             continue
+        if name == "track_running_stats":     # the buffers say what was constructed; the attribute
+            kwargs[name] = layer.running_mean is not None    # may have been switched off since
+            continue
         kwargs[name] = getattr(layer, name)
     return kwargs
 

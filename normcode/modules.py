@@ -156,9 +156,14 @@ class _InstanceNorm(_NormBase):
         if version is None and not self.track_running_stats:
             keys = [prefix + n for n in ("running_mean", "running_var") if prefix + n in state_dict]
             if keys:
-                error_msgs.append(
-                    f"Unexpected running stats buffer(s) {' and '.join(map(repr, keys))} for "
-                    f"{type(self).__name__} with track_running_stats=False.")
+                names, klass = " and ".join(f'"{k}"' for k in keys), type(self).__name__
+                error_msgs.append(     # torch.nn's words, so a caller matching on them still works
+                    f"Unexpected running stats buffer(s) {names} for {klass} with "
+                    "track_running_stats=False. If state_dict is a checkpoint saved before 0.4.0, this "
+                    f"may be expected because {klass} does not track running stats by default since "
+                    "0.4.0. Please remove these keys from state_dict. If the running stats are actually "
+                    f"needed, instead set track_running_stats=True in {klass} to enable them. See the "
+                    f"documentation of {klass} for details.")
                 for key in keys:
                     state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -259,6 +264,9 @@ class GroupNorm(nn.Module):
                  bias=True):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        if num_groups == 0:       # torch fails on num_channels % 0: the same class, in words
+            raise ZeroDivisionError(
+                f"num_groups must be positive, got num_groups=0 for num_channels={num_channels}")
         if num_channels % num_groups != 0:
             raise ValueError(
                 f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
@@ -284,7 +292,8 @@ class RMSNorm(nn.Module):
     r"""Root-mean-square normalization, as ``torch.nn.RMSNorm``.
 
     Zhang & Sennrich 2019. Scales by the root mean square over the trailing ``normalized_shape``;
-    no centring and no bias. ``eps=None`` means the machine epsilon of the computation dtype.
+    no centring and no bias. ``eps=None`` means the machine epsilon of the dtype torch accumulates
+    in: float32's for float16, bfloat16 and float32 input, float64's for float64.
     """
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None):

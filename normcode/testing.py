@@ -42,15 +42,29 @@ def _report(what, ours, theirs, rtol, atol, diffs):
         raise AssertionError(f"{what} differs from torch.nn's:\n{e}") from None
 
 
+def assert_same_layout(ours, theirs, what="output"):
+    """Assert that two tensors of one shape lie in memory alike: equal strides on every dim longer
+    than 1 (a stride along a dim of size 1 is never used, and torch leaves it arbitrary)."""
+    used = [d for d, n in enumerate(theirs.shape) if n > 1]
+    if ours.shape != theirs.shape or [ours.stride(d) for d in used] != [theirs.stride(d) for d in used]:
+        raise AssertionError(f"{what}: ours has strides {ours.stride()}, torch's {theirs.stride()} "
+                             f"(shape {tuple(theirs.shape)}): a different memory format")
+
+
 def assert_matches_torch(ours, theirs, x, *, train=True, steps=3, dtype=torch.float64,
-                         rtol=1e-10, atol=1e-12, seed=0):
+                         rtol=1e-10, atol=1e-12, seed=0, grad_rtol=None, grad_atol=None):
     """Assert that normcode module ``ours`` computes what torch.nn module ``theirs`` computes.
 
     Works on copies: gives the torch module random (never default) parameters and buffers,
     copies them into ours, casts both and ``x`` to ``dtype`` (float64 by default), and runs
     ``steps`` forward and backward passes in training (``train=True``) or evaluation mode, on ``x``
     and then on fresh random inputs of its shape. After each step it compares the output, the
-    input gradient, every parameter gradient and every buffer (running statistics included).
+    input gradient, every parameter gradient and every buffer (running statistics included), and
+    that the output has torch's memory format (channels_last in, channels_last out, where torch does so).
+
+    ``rtol`` and ``atol`` bound every comparison; ``grad_rtol`` and ``grad_atol``, where given,
+    replace them for the gradients, which in float16/bfloat16 are sums over the whole batch whose
+    rounding error scales with the summed terms rather than with the (cancelled) result.
 
     Raises AssertionError naming what differs. Returns the largest absolute difference seen for
     each compared quantity, as a dict.
@@ -65,20 +79,23 @@ def assert_matches_torch(ours, theirs, x, *, train=True, steps=3, dtype=torch.fl
     diffs = {}
     for step in range(steps):
         if step:                                           # later steps: new data, same layout
-            x = torch.empty_like(x).copy_(torch.randn(x.shape, generator=g, dtype=dtype) * 2 + 1)
+            x = torch.empty_like(x).copy_(torch.randn(x.shape, generator=g, dtype=dtype) * 2 + 1)  # any device
         x_ours = x.clone().requires_grad_(True)
         x_theirs = x.clone().requires_grad_(True)
         y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
         _report(f"step {step}: output", y_ours, y_theirs, rtol, atol, diffs)
-        dy = torch.randn(y_theirs.shape, generator=g, dtype=dtype)
+        assert_same_layout(y_ours, y_theirs, f"step {step}: output")
+        dy = torch.randn(y_theirs.shape, generator=g, dtype=dtype).to(y_theirs.device)
         if y_ours.requires_grad:
             y_ours.backward(dy)
         if y_theirs.requires_grad:
             y_theirs.backward(dy)
-        _report(f"step {step}: input gradient", x_ours.grad, x_theirs.grad, rtol, atol, diffs)
+        g_rtol = rtol if grad_rtol is None else grad_rtol
+        g_atol = atol if grad_atol is None else grad_atol
+        _report(f"step {step}: input gradient", x_ours.grad, x_theirs.grad, g_rtol, g_atol, diffs)
         named = dict(theirs.named_parameters())
         for name, p in ours.named_parameters():
-            _report(f"step {step}: gradient of {name}", p.grad, named[name].grad, rtol, atol, diffs)
+            _report(f"step {step}: gradient of {name}", p.grad, named[name].grad, g_rtol, g_atol, diffs)
         theirs_buffers = dict(theirs.named_buffers())
         ours_buffers = dict(ours.named_buffers())
         if ours_buffers.keys() != theirs_buffers.keys():
