@@ -4,13 +4,14 @@ import inspect
 
 from torch import nn
 
-from . import modules
+from . import distributed, modules
 
 #: torch.nn class -> normcode class, for every layer normcode mirrors.
 TWINS = {getattr(nn, name): getattr(modules, name) for name in (
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm")}
+TWINS[nn.SyncBatchNorm] = distributed.SyncBatchNorm
 
 
 def _constructor_kwargs(layer, cls):

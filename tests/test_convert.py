@@ -158,3 +158,21 @@ def test_to_torch_round_trip(name, train):
     torch.testing.assert_close(dx_back, dx_orig, **TOL)
     for k in grads_orig:
         torch.testing.assert_close(grads_back[k], grads_orig[k], **TOL, msg=k)
+
+
+def test_sync_batch_norm_converts_both_ways():
+    """nn.SyncBatchNorm cannot train on CPU, so the two are compared in eval mode; normcode's
+    twin is normcode.SyncBatchNorm (which can), with the same state and process_group."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4, momentum=None)).double()
+    randomize_(model[1])
+    model.eval()
+    ours = normcode.from_torch(model)
+    assert type(ours[1]) is normcode.SyncBatchNorm and not ours.training
+    assert ours[1].process_group is model[1].process_group
+    back = normcode.to_torch(ours)
+    assert type(back[1]) is nn.SyncBatchNorm
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for converted in (ours, back):
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(converted.state_dict()[key], value, rtol=0, atol=0)
+        torch.testing.assert_close(converted(x), model(x), **TOL)
