@@ -4,6 +4,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
+# One thread per process: the tests run JOBS processes side by side on a small machine, and
+# oversubscribed OpenMP threads slow a training loop a hundredfold while they wait on each other.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: venv test book execute lab bench clean
 

@@ -225,7 +225,10 @@ def test_matches_torch(case, train, device, record):
 def test_every_layer_and_option_is_covered():
     """The table reaches every normcode module, every dtype, and every layout."""
     layers = {c.layer for c in CASES}
-    assert layers == set(normcode.convert.TWINS[k].__name__ for k in normcode.convert.TWINS)
+    # SyncBatchNorm's torch twin cannot train on CPU: tests/test_distributed.py holds it to
+    # single-process BatchNorm on the concatenated batch instead.
+    expected = {ours.__name__ for ours in normcode.convert.TWINS.values()} - {"SyncBatchNorm"}
+    assert layers == expected
     assert {c.dtype for c in CASES} == {torch.float64, torch.float32, torch.float16, torch.bfloat16}
     assert {c.layout for c in CASES} == {"contiguous", "channels_last", "channels_last_3d"}
     options = {k for c in CASES for k in c.kwargs}
