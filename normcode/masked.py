@@ -1,0 +1,148 @@
+r"""Batch normalization over padded sequences: statistics from the real positions only.
+
+A batch of sequences of different lengths is padded to one length. ``BatchNorm1d`` on such a
+(N, C, L) batch averages the padding into its statistics, so a token's output changes with the
+amount of padding. :func:`masked_batch_norm` takes a boolean ``mask`` (N, L), True at real
+positions, and computes each channel's mean and variance over those positions alone:
+
+.. math:: \mu_c = \frac{1}{n}\sum_{m_i} x_{i,c}, \qquad
+          \sigma_c^2 = \frac{1}{n}\sum_{m_i} (x_{i,c} - \mu_c)^2, \qquad n = \sum_i m_i
+
+It equals ``torch.nn.BatchNorm1d`` applied to the real positions gathered into one (n, C) batch:
+same outputs, gradients and running statistics. Padded positions output 0 and get a zero
+gradient: they neither enter nor see the statistics, so what the padding holds (zeros, another
+embedding, even NaN) changes nothing.
+"""
+import torch
+
+from . import modules
+from ._axes import statistics_view
+from .functional import (
+    _affine, _channel_shape, _check_dtypes, _check_floating, _check_per_channel,
+    _check_running_pair, _compute_dtype, _inverse_std,
+)
+
+
+def pack_real(input, mask):
+    """The real positions of ``input`` (N, C, *) gathered into one (n, C) batch, in order."""
+    return input.movedim(1, -1)[mask]                         # (N, *, C)[mask] -> (n, C)
+
+
+def unpack_real(packed, mask):
+    """The inverse of :func:`pack_real`: (n, C) back to (N, C, *), zeros at the padded positions."""
+    out = packed.new_zeros(tuple(mask.shape) + (packed.shape[-1],))    # (N, *, C)
+    return out.index_put((mask,), packed).movedim(-1, 1)
+
+
+def _check_mask(input, mask):
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        what = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"masked_batch_norm: mask must be a bool tensor (True = real position), got {what}")
+    expected = (input.shape[0],) + tuple(input.shape[2:])          # (N, *): input without C
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"masked_batch_norm: mask of shape {tuple(mask.shape)} does not fit input of shape "
+            f"{tuple(input.shape)}; expected (N, *) = {expected}, the input's shape without dim 1")
+
+
+def _masked_moments(x, mask, dims, n):
+    r"""Mean and biased variance of ``x`` over ``dims`` (kept), counting only where ``mask``.
+
+    Two passes, as :func:`normcode.functional._moments`: the mean, a corrective pass over the
+    centred values, then the mean square of the centred values.
+    """
+    def masked_sum(values):
+        return torch.where(mask, values, 0).sum(dims, keepdim=True)
+
+    mean = masked_sum(x) / n
+    mean = mean + masked_sum(x - mean) / n
+    centred = torch.where(mask, x - mean, 0)
+    var = (centred * centred).sum(dims, keepdim=True) / n
+    return mean, var
+
+
+def masked_batch_norm(input, mask, running_mean, running_var, weight=None, bias=None,
+                      training=False, momentum=0.1, eps=1e-5):
+    r"""Batch normalization that ignores padded positions, in ``batch_norm``'s signature plus ``mask``.
+
+    .. math:: y = \frac{x - \mathrm{E}_{m}[x]}{\sqrt{\mathrm{Var}_{m}[x] + \epsilon}} \gamma + \beta
+              \text{ where } m, \qquad y = 0 \text{ elsewhere}
+
+    Statistics per channel over the positions where ``mask`` is True, across the batch: the
+    statistics set of BatchNorm with the padding taken out. ``input`` is (N, C, *) as for
+    ``BatchNorm1d`` (usually (N, C, L)); ``mask`` is bool of shape (N, *), True at real positions.
+    In training the running estimates move toward the masked statistics with the unbiased
+    variance ``var * n / (n - 1)``, n the number of real positions; in eval they normalize, and
+    the mask only zeroes the padded outputs. Padded positions output 0 and receive no gradient.
+    """
+    _check_floating(input, "masked_batch_norm")
+    if input.dim() < 2:
+        raise ValueError("masked_batch_norm expects input of at least 2 dimensions (N, C, *), "
+                         f"got {input.dim()}D input")
+    _check_mask(input, mask)
+    _check_running_pair(running_mean, running_var, training, "masked_batch_norm")
+    _check_dtypes(input, "masked_batch_norm", weight=weight, bias=bias,
+                  running_mean=running_mean, running_var=running_var)
+    _check_per_channel(input, "masked_batch_norm", running_mean=running_mean,
+                       running_var=running_var, weight=weight, bias=bias)
+    n = int(mask.sum())                        # real positions: the same for every channel
+    if training:
+        if n < 2:
+            raise ValueError(
+                f"masked_batch_norm: expected at least 2 real (unmasked) positions when training, "
+                f"got {n} in input of size {tuple(input.shape)}")
+        if eps <= 0:
+            raise ValueError(f"masked_batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0:
+        raise ValueError(f"masked_batch_norm eps must be non-negative, but got {eps}")
+    shape = _channel_shape(input)
+    real = mask.unsqueeze(1)                   # (N, 1, *): broadcasts over the channels
+    # Padding is replaced by 0 before any arithmetic: a padded NaN or inf would otherwise reach
+    # the gradient of the statistics through 0 * NaN = NaN, even with its own output masked.
+    x = torch.where(real, input.to(_compute_dtype(input)), 0)
+
+    if training:
+        view, dims = statistics_view(x, "batch")              # the axes BatchNorm reduces
+        mean, var = _masked_moments(view, real, dims, n)
+        if running_mean is not None or running_var is not None:
+            with torch.no_grad():
+                if running_mean is not None:
+                    running_mean.mul_(1 - momentum).add_(
+                        mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
+                if running_var is not None:
+                    unbiased = var.reshape(-1) * (n / (n - 1))   # Bessel's correction over real positions
+                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    else:
+        mean = running_mean.to(x.dtype).reshape(shape)
+        var = running_var.to(x.dtype).reshape(shape)
+
+    x_hat = (x - mean) * _inverse_std(var, eps, "masked_batch_norm")
+    y = _affine(x_hat, weight, bias, shape)
+    return torch.where(real, y, 0).to(input.dtype)
+
+
+class MaskedBatchNorm1d(modules.BatchNorm1d):
+    r"""``BatchNorm1d`` for padded sequences: ``forward(input, mask)`` with ``mask`` (N, L) bool.
+
+    Same constructor, parameters, buffers and state_dict as ``torch.nn.BatchNorm1d`` (so a
+    ``BatchNorm1d``'s state loads into it and back); only the statistics skip the positions
+    where ``mask`` is False. See :func:`masked_batch_norm`.
+
+    Shape: input (N, C, L) with mask (N, L), or (N, C) with mask (N,); output as input.
+    """
+
+    def forward(self, input, mask):
+        self._check_input_dim(input)
+        # The momentum bookkeeping of torch.nn's _BatchNorm: None means a cumulative average.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_buffers = not self.training or self.track_running_stats
+        return masked_batch_norm(
+            input, mask,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight, self.bias, use_batch_stats, factor, self.eps)
