@@ -4,8 +4,11 @@ Same names, signatures, defaults, parameters, buffers and behaviour as torch.nn;
 plain tensor operations (see :mod:`normcode.functional`), never torch's own normalization kernels.
 """
 from . import functional, testing
+from . import manual, variance
 from ._axes import statistic_ids, statistics_count, statistics_view
 from .convert import from_torch, to_torch
+from .distributed import SyncBatchNorm
+from .masked import MaskedBatchNorm1d, masked_batch_norm
 from .modules import (
     BatchNorm1d, BatchNorm2d, BatchNorm3d,
     GroupNorm,
@@ -14,11 +17,15 @@ from .modules import (
     LocalResponseNorm,
     RMSNorm,
 )
+from .switchable import SwitchNorm1d, SwitchNorm2d
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm",
+    "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", "SwitchNorm1d", "SwitchNorm2d",
     "functional", "testing", "from_torch", "to_torch",
     "statistics_view", "statistic_ids", "statistics_count",
+    "MaskedBatchNorm1d", "masked_batch_norm",
+    "SyncBatchNorm",
+    "manual", "variance",
 ]

@@ -1,0 +1,263 @@
+r"""Switchable Normalization: a learned mix of the IN, LN and BN statistics.
+
+Luo et al., "Differentiable Learning-to-Normalize via Switchable Normalization" (ICLR 2019).
+torch.nn has no SN; it is verified through its reductions (one-hot importance weights give
+InstanceNorm2d, GroupNorm(1, C) or BatchNorm2d exactly) and by gradcheck.
+
+.. math::
+
+    \mu = \sum_k w_k \mu_k, \quad \sigma^2 = \sum_k w'_k \sigma_k^2, \quad
+    w = \mathrm{softmax}(\text{mean\_weight}), \; w' = \mathrm{softmax}(\text{var\_weight}),
+    \quad y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+with k over (in, ln, bn) for SwitchNorm2d and (ln, bn) for SwitchNorm1d. Every statistic is
+computed directly on its own statistics set through :func:`normcode._axes.statistics_view` and
+the shared two-pass :func:`normcode.functional._moments`: the paper derives the LN and BN
+moments from the IN ones (``E[var + mu^2] - mean^2``), which is the same number in exact
+arithmetic but cancels in floating point when the mean is large.
+
+Choices where the paper, the authors' code and torch.nn leave room (each is tested):
+
+- Running statistics are BatchNorm's: buffers ``running_mean = 0``, ``running_var = 1``,
+  ``num_batches_tracked = 0``; ``running <- (1 - momentum) running + momentum stat``, the
+  variance unbiased (``n / (n - 1)``, n = N * H * W); ``momentum=None`` is a cumulative average.
+  Only the BN term uses them, in eval mode; IN and LN statistics always come from the sample.
+- ``using_moving_average=False``: the running estimates are the plain average over every
+  training batch since :meth:`reset_running_stats`, merged by the law of total variance:
+  ``running_var`` = (average within-batch unbiased variance) + (biased variance of the batch
+  means), which estimates the variance of all those batches pooled together.
+- ``unbiased_instance_var=True`` reproduces the authors' public code: the IN variance divides
+  by L - 1 (L = H * W), and the LN and BN variances derived from it are inflated accordingly.
+  It changes the normalization in training only; ``running_var`` is BatchNorm's in both modes.
+- Degenerate sizes raise a clear error (torch.nn's where one applies), never NaN:
+  a 1x1 map (L = 1) has no instance variance (use SwitchNorm1d on the pooled (N, C) input);
+  the BN term in training needs more than one value per channel (N * L > 1). A batch of one
+  sample with L > 1 is accepted, as BatchNorm2d accepts it: its BN statistics are then its IN
+  statistics. For one sample per device the paper recommends ``using_bn=False``.
+"""
+import math
+
+import torch
+from torch import nn
+
+from ._axes import statistics_view
+from .functional import (_affine, _channel_shape, _check_dtypes, _check_eps, _check_floating,
+                         _check_per_channel, _compute_dtype, _inverse_std, _moments,
+                         _verify_batch_size)
+
+#: The statistics each module mixes, in the order of its ``mean_weight`` and ``var_weight``.
+PARTS = {"SwitchNorm2d": ("instance", "layer", "batch"), "SwitchNorm1d": ("layer", "batch")}
+
+
+def switchable_moments(x, parts, unbiased_instance_var=False):
+    """``{part: (mean, var)}`` for each norm in ``parts``, each broadcastable against ``x``.
+
+    ``x`` is (N, C, *). Variances are biased, except with ``unbiased_instance_var``, which
+    reproduces the authors' code: var_in * L / (L - 1), and the LN and BN variances they derive
+    from it, ``mean(var_in + mu_in^2) - mu^2``, which exceed the direct ones by the average
+    biased IN variance over (L - 1). The excess is added here, without the cancelling form.
+    """
+    moments = {}
+    for part in parts:
+        options = {"normalized_ndim": x.dim() - 1} if part == "layer" else {}
+        view, dims = statistics_view(x, part, **options)
+        moments[part] = _moments(view, dims)     # (N, C, 1..), (N, 1, 1..) or (1, C, 1..)
+    if unbiased_instance_var:
+        L = math.prod(x.shape[2:])
+        _, var_in = moments["instance"]          # biased, (N, C, 1, ...)
+        excess = var_in / (L - 1)
+        for part, over in (("instance", None), ("layer", 1), ("batch", 0)):
+            if part in moments:
+                mean, var = moments[part]
+                extra = excess if over is None else excess.mean(over, keepdim=True)
+                moments[part] = (mean, var + extra)
+    return moments
+
+
+def _update_running_(running_mean, running_var, mean, var, n, factor, count, moving_average):
+    """Move the running estimates toward one batch's BN statistics (``var`` biased, over n)."""
+    with torch.no_grad():
+        mean = mean.reshape(-1).to(running_mean.dtype)
+        unbiased = (var.reshape(-1) * (n / (n - 1))).to(running_var.dtype)   # Bessel's correction
+        if moving_average:
+            running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+            running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+        else:
+            # Batch k of a plain average: mean of the means; var = average within-batch variance
+            # plus the variance of the means (law of total variance), updated in Welford's form.
+            k = count
+            delta = mean - running_mean
+            running_mean.add_(delta / k)
+            running_var.add_((unbiased + delta * delta * ((k - 1) / k) - running_var) / k)
+
+
+def switch_norm(input, mean_weight, var_weight, running_mean=None, running_var=None, weight=None,
+                bias=None, training=False, momentum=0.1, eps=1e-5, *, parts=PARTS["SwitchNorm2d"],
+                unbiased_instance_var=False, moving_average=True, num_batches_tracked=None):
+    r"""Switchable normalization of an (N, C, *) input: the functional form of the modules.
+
+    ``mean_weight`` and ``var_weight`` are the logits of the importance weights, one per entry of
+    ``parts``. The ``"batch"`` term uses the batch's statistics in training (and updates the
+    running estimates, if given) and ``running_mean``/``running_var`` otherwise.
+    ``num_batches_tracked`` (already incremented for this batch) is needed for the plain average
+    (``moving_average=False``) and for ``momentum=None``.
+    """
+    name = "switch_norm"
+    _check_floating(input, name)
+    if input.dim() < 2:
+        raise ValueError(f"{name} expects input of at least 2 dimensions (N, C, *), got "
+                         f"{input.dim()}D input")
+    _check_dtypes(input, name, weight=weight, bias=bias, mean_weight=mean_weight,
+                  var_weight=var_weight, running_mean=running_mean, running_var=running_var)
+    _check_per_channel(input, name, running_mean=running_mean, running_var=running_var,
+                       weight=weight, bias=bias)
+    for what, logits in (("mean_weight", mean_weight), ("var_weight", var_weight)):
+        if logits.shape != (len(parts),):
+            raise RuntimeError(f"{name}: {what} should have shape ({len(parts)},), one logit per "
+                               f"mixed statistic {parts}, not {tuple(logits.shape)}")
+    if unbiased_instance_var and "instance" not in parts:
+        raise ValueError(f"{name}: unbiased_instance_var needs the instance statistics in parts")
+    if "instance" in parts and math.prod(input.shape[2:]) == 1:
+        # IN statistics always come from the sample; over one element they are the value itself
+        # with variance 0 (and the authors' L - 1 divisor gives 0 / 0).
+        raise ValueError(
+            f"{name} mixes instance statistics, which need more than 1 spatial element, but got "
+            f"input size {list(input.shape)}; for 1x1 maps use SwitchNorm1d on the (N, C) input")
+    _check_eps(eps, name)
+    use_batch_stats = "batch" in parts and training
+    if use_batch_stats:
+        _verify_batch_size(input.size())
+        if eps <= 0:
+            raise ValueError(f"{name} eps must be positive during training, but got {eps}")
+    if "batch" in parts and not training and (running_mean is None or running_var is None):
+        raise RuntimeError(f"{name}: running_mean and running_var must be given when "
+                           "training=False and the BN statistics are mixed in")
+
+    if input.numel() == 0:                       # nothing to normalize or learn from
+        return input.clone()
+    x = input.to(_compute_dtype(input))
+    computed = [p for p in parts if p != "batch" or use_batch_stats]
+    moments = switchable_moments(x, computed, unbiased_instance_var)
+    shape = _channel_shape(input)                                      # (1, C, 1, ...)
+    if use_batch_stats and running_mean is not None and running_var is not None:
+        if (momentum is None or not moving_average) and num_batches_tracked is None:
+            raise RuntimeError(f"{name}: a cumulative average (momentum=None or "
+                               "moving_average=False) needs num_batches_tracked")
+        # The running variance is BatchNorm's unbiased one, whatever unbiased_instance_var says.
+        mean_bn, var_bn = (switchable_moments(x, ("batch",))["batch"] if unbiased_instance_var
+                           else moments["batch"])
+        factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+        _update_running_(running_mean, running_var, mean_bn, var_bn, input.numel() // input.shape[1],
+                         factor, None if num_batches_tracked is None else int(num_batches_tracked),
+                         moving_average)
+    elif "batch" in parts and not training:
+        moments["batch"] = (running_mean.to(x.dtype).reshape(shape),
+                            running_var.to(x.dtype).reshape(shape))
+
+    w = torch.softmax(mean_weight.to(x.dtype), 0)
+    w_var = torch.softmax(var_weight.to(x.dtype), 0)
+    mean = sum(w[k] * moments[p][0] for k, p in enumerate(parts))     # broadcasts to (N, C, 1, ...)
+    var = sum(w_var[k] * moments[p][1] for k, p in enumerate(parts))
+    x_hat = (x - mean) * _inverse_std(var, eps, name)
+    return _affine(x_hat, weight, bias, shape).to(input.dtype)
+
+
+class _SwitchNorm(nn.Module):
+    _ndim = None                     # the one accepted input rank
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, using_moving_average=True,
+                 using_bn=True, last_gamma=False, unbiased_instance_var=False, device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.using_moving_average = using_moving_average
+        self.using_bn = using_bn
+        self.last_gamma = last_gamma
+        self.unbiased_instance_var = unbiased_instance_var
+        all_parts = PARTS[type(self).__name__]
+        self.parts = all_parts if using_bn else tuple(p for p in all_parts if p != "batch")
+        if len(self.parts) < 2:
+            raise ValueError(f"{type(self).__name__} with using_bn=False mixes only "
+                             f"{self.parts}: that is plain LayerNorm, nothing to switch")
+        self.weight = nn.Parameter(torch.empty(num_features, **factory))         # gamma, (C,)
+        self.bias = nn.Parameter(torch.empty(num_features, **factory))           # beta, (C,)
+        self.mean_weight = nn.Parameter(torch.empty(len(self.parts), **factory))  # logits
+        self.var_weight = nn.Parameter(torch.empty(len(self.parts), **factory))
+        if using_bn:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self):
+        if self.using_bn:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        with torch.no_grad():
+            # last_gamma: the last norm of a residual branch starts at 0, so the block starts as identity.
+            self.weight.fill_(0.0 if self.last_gamma else 1.0)
+            self.bias.zero_()
+            self.mean_weight.fill_(1.0)          # softmax(ones): every statistic weighted equally
+            self.var_weight.fill_(1.0)
+
+    def importance(self):
+        """The softmax importance weights ``{"mean": {part: w}, "var": {part: w}}`` as floats."""
+        with torch.no_grad():
+            return {which: dict(zip(self.parts, torch.softmax(logits.double(), 0).tolist()))
+                    for which, logits in (("mean", self.mean_weight), ("var", self.var_weight))}
+
+    def forward(self, input):
+        if input.dim() != self._ndim:
+            raise ValueError(f"expected {self._ndim}D input (got {input.dim()}D input)")
+        if self.training and self.using_bn:
+            self.num_batches_tracked.add_(1)      # counted before the forward, as BatchNorm does
+        return switch_norm(
+            input, self.mean_weight, self.var_weight, self.running_mean, self.running_var,
+            self.weight, self.bias, self.training, self.momentum, self.eps, parts=self.parts,
+            unbiased_instance_var=self.unbiased_instance_var,
+            moving_average=self.using_moving_average, num_batches_tracked=self.num_batches_tracked)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"using_moving_average={self.using_moving_average}, using_bn={self.using_bn}, "
+                f"last_gamma={self.last_gamma}, unbiased_instance_var={self.unbiased_instance_var}")
+
+
+class SwitchNorm2d(_SwitchNorm):
+    r"""Switchable normalization over a 4D (N, C, H, W) input: IN, LN and BN statistics mixed.
+
+    Luo et al. 2019. ``mean_weight`` and ``var_weight`` hold the logits of the importance
+    weights, ordered (in, ln, bn), or (in, ln) with ``using_bn=False``: six (or four) extra
+    parameters per layer, shared by all channels. ``weight`` and ``bias`` are per channel.
+    """
+    _ndim = 4
+
+
+class SwitchNorm1d(_SwitchNorm):
+    r"""Switchable normalization over a 2D (N, C) input: LN and BN statistics mixed.
+
+    ``mean_weight`` and ``var_weight`` are ordered (ln, bn). ``using_bn=False`` would leave
+    LayerNorm alone and is refused.
+    """
+    _ndim = 2
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, using_moving_average=True,
+                 using_bn=True, last_gamma=False, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, using_moving_average, using_bn, last_gamma,
+                         False, device, dtype)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"using_moving_average={self.using_moving_average}, using_bn={self.using_bn}, "
+                f"last_gamma={self.last_gamma}")
