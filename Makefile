@@ -39,5 +39,10 @@ lab: venv
 	$(PY) -m pip install --quiet -r requirements-lab.txt
 	$(VENV)/bin/jupyter lab chapters
 
+# Speed and accuracy of normcode against torch.nn, side by side (prints tables; not a test).
+# BENCH_ARGS=--book adds the nbval and book-build times; --write updates benchmarks/README.md.
+bench: venv
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf _build
