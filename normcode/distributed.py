@@ -209,14 +209,8 @@ def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, mo
     x = input.to(F._compute_dtype(input))
     view, dims = statistics_view(x, "batch")
     mean, var = global_moments(view, dims, counts, group)
-    if running_mean is not None or running_var is not None:
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.mul_(1 - momentum).add_(
-                    mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
-            if running_var is not None:
-                unbiased = var.reshape(-1) * (n / (n - 1))     # the global n: Bessel's correction
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    # The global n in Bessel's correction: what one process would compute on the whole batch.
+    F._update_running_(running_mean, running_var, mean, var * (n / (n - 1)), momentum)
     x_hat = (x - mean) * torch.rsqrt(var + eps)                # eps > 0: checked above
     return F._in_layout_of(F._affine(x_hat, weight, bias, shape).to(input.dtype), input)
 

@@ -143,6 +143,21 @@ def _moments(x, dims):
     return mean, var
 
 
+def _update_running_(running_mean, running_var, mean, unbiased_var, momentum):
+    r"""Move the running estimates toward this batch's, in place and outside autograd:
+
+    .. math:: \hat\mu \leftarrow (1 - m)\,\hat\mu + m\,\mu_B, \qquad
+              \hat\sigma^2 \leftarrow (1 - m)\,\hat\sigma^2 + m\,\sigma^2_{B,\text{unbiased}}
+
+    torch's convention: ``momentum`` is the weight of the new value (TensorFlow's is 1 - m).
+    Either estimate may be None. Every layer with running statistics updates them here.
+    """
+    with torch.no_grad():
+        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+            if running is not None:
+                running.mul_(1 - momentum).add_(batch.reshape(-1).to(running.dtype), alpha=momentum)
+
+
 def _affine(x_hat, weight, bias, shape):
     """``x_hat * weight + bias`` with both parameters viewed as ``shape`` (either may be None)."""
     if weight is not None:
@@ -193,13 +208,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         # An empty batch (N = 0) has nothing to learn from: the estimates stay as they are.
         if (running_mean is not None or running_var is not None) and input.numel() > 0:
             n = input.numel() // input.shape[1]
-            with torch.no_grad():
-                if running_mean is not None:
-                    running_mean.mul_(1 - momentum).add_(
-                        mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
-                if running_var is not None:
-                    unbiased = var.reshape(-1) * (n / (n - 1))   # n / (n-1): Bessel's correction
-                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            # n / (n-1): Bessel's correction, so running_var estimates the population variance.
+            _update_running_(running_mean, running_var, mean, var * (n / (n - 1)), momentum)
     else:
         mean = running_mean.to(x.dtype).reshape(shape)
         var = running_var.to(x.dtype).reshape(shape)
@@ -239,13 +249,9 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         mean, var = _moments(view, dims)                               # (N, C, 1, ...)
         if (running_mean is not None or running_var is not None) and input.numel() > 0:
             L = math.prod(input.shape[2:])
-            with torch.no_grad():
-                if running_mean is not None:
-                    batch_mean = mean.reshape(input.shape[:2]).mean(0)
-                    running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
-                if running_var is not None:
-                    batch_var = (var.reshape(input.shape[:2]) * (L / (L - 1))).mean(0)
-                    running_var.mul_(1 - momentum).add_(batch_var.to(running_var.dtype), alpha=momentum)
+            # The batch's average of per-instance means and unbiased (L / (L-1)) variances.
+            _update_running_(running_mean, running_var, mean.reshape(input.shape[:2]).mean(0),
+                             (var.reshape(input.shape[:2]) * (L / (L - 1))).mean(0), momentum)
     else:
         mean = running_mean.to(x.dtype).reshape(shape)
         var = running_var.to(x.dtype).reshape(shape)

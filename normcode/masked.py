@@ -19,7 +19,7 @@ from . import modules
 from ._axes import statistics_view
 from .functional import (
     _affine, _channel_shape, _check_dtypes, _check_floating, _check_per_channel,
-    _check_running_pair, _compute_dtype, _inverse_std,
+    _check_running_pair, _compute_dtype, _inverse_std, _update_running_,
 )
 
 
@@ -104,14 +104,8 @@ def masked_batch_norm(input, mask, running_mean, running_var, weight=None, bias=
     if training:
         view, dims = statistics_view(x, "batch")              # the axes BatchNorm reduces
         mean, var = _masked_moments(view, real, dims, n)
-        if running_mean is not None or running_var is not None:
-            with torch.no_grad():
-                if running_mean is not None:
-                    running_mean.mul_(1 - momentum).add_(
-                        mean.reshape(-1).to(running_mean.dtype), alpha=momentum)
-                if running_var is not None:
-                    unbiased = var.reshape(-1) * (n / (n - 1))   # Bessel's correction over real positions
-                    running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        # Bessel's correction over the real positions only.
+        _update_running_(running_mean, running_var, mean, var * (n / (n - 1)), momentum)
     else:
         mean = running_mean.to(x.dtype).reshape(shape)
         var = running_var.to(x.dtype).reshape(shape)

@@ -40,6 +40,7 @@ import math
 import torch
 from torch import nn
 
+from . import functional
 from ._axes import statistics_view
 from .functional import (_affine, _channel_shape, _check_dtypes, _check_eps, _check_floating,
                          _check_per_channel, _compute_dtype, _inverse_std, _moments,
@@ -76,19 +77,18 @@ def switchable_moments(x, parts, unbiased_instance_var=False):
 
 def _update_running_(running_mean, running_var, mean, var, n, factor, count, moving_average):
     """Move the running estimates toward one batch's BN statistics (``var`` biased, over n)."""
+    unbiased = var * (n / (n - 1))                                    # Bessel's correction
+    if moving_average:                                    # BatchNorm's update, shared with it
+        return functional._update_running_(running_mean, running_var, mean, unbiased, factor)
     with torch.no_grad():
+        # Batch k of a plain average: mean of the means; var = average within-batch variance
+        # plus the variance of the means (law of total variance), updated in Welford's form.
         mean = mean.reshape(-1).to(running_mean.dtype)
-        unbiased = (var.reshape(-1) * (n / (n - 1))).to(running_var.dtype)   # Bessel's correction
-        if moving_average:
-            running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-            running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
-        else:
-            # Batch k of a plain average: mean of the means; var = average within-batch variance
-            # plus the variance of the means (law of total variance), updated in Welford's form.
-            k = count
-            delta = mean - running_mean
-            running_mean.add_(delta / k)
-            running_var.add_((unbiased + delta * delta * ((k - 1) / k) - running_var) / k)
+        unbiased = unbiased.reshape(-1).to(running_var.dtype)
+        k = count
+        delta = mean - running_mean
+        running_mean.add_(delta / k)
+        running_var.add_((unbiased + delta * delta * ((k - 1) / k) - running_var) / k)
 
 
 def switch_norm(input, mean_weight, var_weight, running_mean=None, running_var=None, weight=None,
