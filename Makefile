@@ -37,7 +37,7 @@ execute: venv
 # Open the chapters in JupyterLab, in the project's environment (normcode importable).
 lab: venv
 	$(PY) -m pip install --quiet -r requirements-lab.txt
-	$(VENV)/bin/jupyter lab chapters
+	$(VENV)/bin/jupyter lab $(LAB_ARGS) $(if $(filter 0,$(shell id -u)),--allow-root) chapters
 
 # Speed and accuracy of normcode against torch.nn, side by side (prints tables; not a test).
 # BENCH_ARGS=--book adds the nbval and book-build times; --write updates benchmarks/README.md.
