@@ -368,7 +368,9 @@ def op_profile(layer, top):
 def time_command(command, log):
     log(f"  $ {' '.join(command)}")
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    # One thread per process, as `make test` runs them: two oversubscribed workers crawl.
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     seconds = time.perf_counter() - start
     tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
     return seconds, done.returncode, tail[0]
