@@ -19,6 +19,23 @@ def _register_affine(module, shape, weight, bias, factory):
     module.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory)) if weight and bias else None)
 
 
+def _register_running_stats(module, num_features, track, factory):
+    """BatchNorm's buffers: running_mean (zeros), running_var (ones), num_batches_tracked (0),
+    or all three registered as None (absent from the state_dict) when not tracked."""
+    device = factory.get("device")
+    module.register_buffer("running_mean", torch.zeros(num_features, **factory) if track else None)
+    module.register_buffer("running_var", torch.ones(num_features, **factory) if track else None)
+    module.register_buffer("num_batches_tracked",
+                           torch.tensor(0, dtype=torch.long, device=device) if track else None)
+
+
+def _reset_running_stats(module):
+    if module.running_mean is not None:
+        module.running_mean.zero_()
+        module.running_var.fill_(1)
+        module.num_batches_tracked.zero_()
+
+
 def _reset_affine(module):
     if module.weight is not None:
         nn.init.ones_(module.weight)
@@ -41,22 +58,12 @@ class _NormBase(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         _register_affine(self, (num_features,), affine, bias, factory)          # per channel, (C,)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked",
-                                 torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        _register_running_stats(self, num_features, track_running_stats, factory)
         self.reset_parameters()
 
     def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+        if self.track_running_stats:          # as torch.nn: a layer switched off keeps its buffers
+            _reset_running_stats(self)
 
     def reset_parameters(self):
         self.reset_running_stats()

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import functional
+from .modules import _register_running_stats, _reset_running_stats
 from ._axes import statistics_view
 from .functional import (_affine, _channel_shape, _check_dtypes, _check_eps, _check_floating,
                          _check_per_channel, _compute_dtype, _inverse_std, _moments,
@@ -186,21 +187,11 @@ class _SwitchNorm(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_features, **factory))           # beta, (C,)
         self.mean_weight = nn.Parameter(torch.empty(len(self.parts), **factory))  # logits
         self.var_weight = nn.Parameter(torch.empty(len(self.parts), **factory))
-        if using_bn:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        _register_running_stats(self, num_features, using_bn, factory)   # BatchNorm's buffers
         self.reset_parameters()
 
     def reset_running_stats(self):
-        if self.using_bn:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+        _reset_running_stats(self)
 
     def reset_parameters(self):
         self.reset_running_stats()
