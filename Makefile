@@ -8,7 +8,7 @@ JOBS ?= 2
 # oversubscribed OpenMP threads slow a training loop a hundredfold while they wait on each other.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv test book execute lab bench clean
+.PHONY: venv test book execute format lab bench clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -33,6 +33,10 @@ book: venv
 # Re-execute every chapter in place, so the stored outputs are what the code prints.
 execute: venv
 	cd chapters && for nb in *.ipynb; do ../$(VENV)/bin/jupyter execute --inplace "$$nb"; done
+
+# Format the chapters' code at the book's 88-character column (tests/test_notebooks.py checks it).
+format: venv
+	$(VENV)/bin/ruff format chapters
 
 # Open the chapters in JupyterLab, in the project's environment (normcode importable).
 lab: venv
