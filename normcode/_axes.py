@@ -7,6 +7,7 @@ test checks both against the sparsity of torch.nn's Jacobians. So the picture in
 cannot disagree with the code.
 """
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -21,10 +22,12 @@ NORMS = {
 
 
 def statistics_view(x, norm, *, num_groups=None, normalized_ndim=None):
-    """Return ``(view, dims)``: a view of ``x`` and the dims of that view to reduce.
+    """Return ``(view, dims)``: ``x`` shaped for the reduction, and the dims of it to reduce.
 
     Two elements of ``view`` share one mean and variance exactly when their indices agree on
-    every dim not in ``dims``.
+    every dim not in ``dims``. ``view`` is ``x`` itself for every norm but GroupNorm, whose
+    (N, G, C//G * prod(spatial)) reshape is a view of a contiguous ``x`` and a copy of a
+    channels_last one (its groups are then not contiguous in memory).
     """
     if norm == "batch":                       # one statistic per channel
         return x, (0, *range(2, x.dim()))
@@ -40,6 +43,28 @@ def statistics_view(x, norm, *, num_groups=None, normalized_ndim=None):
         group_size = x.shape[1] // num_groups * math.prod(x.shape[2:])   # spelled out: N may be 0
         return x.reshape(x.shape[0], num_groups, group_size), (2,)      # (N, G, C//G * prod(spatial))
     raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(NORMS)}")
+
+
+class StatisticsSet(NamedTuple):
+    """What :func:`statistics_set` returns: the :func:`statistics_view` pair and the set size."""
+    view: torch.Tensor
+    dims: tuple
+    count: int            # elements per statistics set: the M of the mean's 1/M
+
+
+def statistics_set(x, norm, **options):
+    """``(view, dims, count)``: :func:`statistics_view`, and how many elements each set has.
+
+    ``count`` is the product of ``view``'s sizes along ``dims`` (0 for an empty set): the
+    divisor of a mean, and the n of Bessel's n / (n - 1).
+    """
+    view, dims = statistics_view(x, norm, **options)
+    return StatisticsSet(view, dims, set_size(view, dims))
+
+
+def set_size(x, dims):
+    """How many elements of ``x`` one set over ``dims`` holds."""
+    return math.prod(x.shape[d] for d in dims)
 
 
 def statistic_ids(norm, shape, **options):

@@ -32,8 +32,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _checks as check
 from . import functional as F
-from ._axes import statistics_view
+from ._axes import statistics_set, statistics_view
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -74,8 +75,9 @@ def global_moments(x, dims, counts, group):
     r"""Mean and biased variance of ``x`` over ``dims`` and over every rank: one round trip.
 
     Each rank reduces its shard to a count :math:`n_r`, a mean :math:`\mu_r` and a centred sum
-    of squares :math:`M_r = \sum_{i \in r} (x_i - \mu_r)^2` (two passes, as
-    :func:`normcode.functional._moments`); one ``all_reduce`` gathers them all, and every rank
+    of squares :math:`M_r = \sum_{i \in r} (x_i - \mu_r)^2` (by
+    :func:`normcode.functional._centred_sum_of_squares`, the same three reductions as one
+    machine's moments); one ``all_reduce`` gathers them all, and every rank
     merges them (Chan, Golub & LeVeque 1983):
 
     .. math:: \mu = \frac{1}{n}\sum_r n_r \mu_r, \qquad
@@ -86,10 +88,7 @@ def global_moments(x, dims, counts, group):
     """
     rank, world_size = dist.get_rank(group), len(counts)
     n_r = counts[rank]
-    mean_r = x.sum(dims, keepdim=True) / max(n_r, 1)                # (1, C, 1, ...); 0 when empty
-    mean_r = mean_r + (x - mean_r).sum(dims, keepdim=True) / max(n_r, 1)   # corrective pass
-    centred = x - mean_r
-    m2_r = (centred * centred).sum(dims, keepdim=True)
+    mean_r, m2_r = F._centred_sum_of_squares(x, dims, max(n_r, 1))   # (1, C, 1, ...); 0 when empty
     # An all_gather written as an all_reduce: each rank fills its own row of a zero table, so
     # the differentiable sum delivers every rank's row to every rank.
     mine = torch.stack([mean_r, m2_r])                                # (2, 1, C, 1, ...)
@@ -123,17 +122,17 @@ def global_moments_two_pass(x, dims, counts, group):
 # --------------------------------------------------------------------------------------------
 def _check_local(input, running_mean, running_var, weight, bias, eps):
     """The checks of ``F.batch_norm`` and ``torch.nn.SyncBatchNorm`` that one rank can make alone."""
-    F._check_floating(input, "sync_batch_norm")
+    check.floating(input, "sync_batch_norm")
+    _check_channels(input)
+    check.per_channel_tensors(input, "sync_batch_norm", running_mean, running_var, weight, bias)
+    check.batch_norm_eps(eps, True, "batch_norm")
+
+
+def _check_channels(input):
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
     if input.size(1) == 0:
         raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-    F._check_dtypes(input, "sync_batch_norm", weight=weight, bias=bias,
-                    running_mean=running_mean, running_var=running_var)
-    F._check_per_channel(input, "sync_batch_norm", running_mean=running_mean,
-                         running_var=running_var, weight=weight, bias=bias)
-    if eps <= 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
 
 def exchange_metadata(input, error, group):
@@ -146,7 +145,7 @@ def exchange_metadata(input, error, group):
     world_size = dist.get_world_size(group)
     ok = error is None
     C = input.shape[1] if input.dim() >= 2 else -1
-    count = input.numel() // C if C > 0 else 0
+    count = statistics_set(input, "batch").count if C > 0 else 0
     code = _DTYPES.index(input.dtype) if input.dtype in _DTYPES else -1
     mine = torch.tensor([int(ok), C, count, code], dtype=torch.int64, device=input.device)
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
@@ -164,16 +163,12 @@ def exchange_metadata(input, error, group):
         raise RuntimeError(
             f"SyncBatchNorm: rank(s) {failed} of the process group rejected their input (see "
             "their error); every rank stops here rather than wait for them")
-    channels = [row[1] for row in table]
-    if len(set(channels)) > 1:
-        raise ValueError(
-            "SyncBatchNorm: every rank must feed the same number of channels, but the ranks of "
-            f"the process group have {channels}")
-    dtypes = [row[3] for row in table]
-    if len(set(dtypes)) > 1:
-        raise ValueError(
-            "SyncBatchNorm: every rank must feed the same dtype, but the ranks of the process "
-            f"group have {[str(_DTYPES[d]) if d >= 0 else '?' for d in dtypes]}")
+    dtype_name = lambda d: str(_DTYPES[d]) if d >= 0 else "?"
+    for column, what, shown in ((1, "number of channels", lambda c: c), (3, "dtype", dtype_name)):
+        values = [row[column] for row in table]
+        if len(set(values)) > 1:
+            raise ValueError(f"SyncBatchNorm: every rank must feed the same {what}, but the ranks "
+                             f"of the process group have {[shown(v) for v in values]}")
     return [row[2] for row in table]
 
 
@@ -210,8 +205,8 @@ def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, mo
     view, dims = statistics_view(x, "batch")
     mean, var = global_moments(view, dims, counts, group)
     # The global n in Bessel's correction: what one process would compute on the whole batch.
-    F._update_running_(running_mean, running_var, mean, var * (n / (n - 1)), momentum)
-    x_hat = (x - mean) * torch.rsqrt(var + eps)                # eps > 0: checked above
+    F._exponential_update_(running_mean, running_var, mean, var, n, momentum)
+    x_hat = (x - mean) * F._inverse_std(var, eps, "sync_batch_norm")
     return F._in_layout_of(F._affine(x_hat, weight, bias, shape).to(input.dtype), input)
 
 
@@ -233,10 +228,7 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
 
     def _check_input_dim(self, input):
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-        if input.size(1) == 0:
-            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        _check_channels(input)
 
     def _sync_group(self):
         """The group to synchronize over, or None when this call needs no communication."""
@@ -250,15 +242,9 @@ class SyncBatchNorm(_BatchNorm):
         if group is None:
             return super().forward(input)        # plain BatchNorm, no communication
         # Training, synchronized: the bookkeeping of _BatchNorm.forward, then global statistics.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        tracked = self.track_running_stats
-        return sync_batch_norm(input, self.running_mean if tracked else None,
-                               self.running_var if tracked else None, self.weight, self.bias,
-                               factor, self.eps, group)
+        running_mean, running_var, _, momentum = self._batch_norm_arguments()
+        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                               momentum, self.eps, group)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

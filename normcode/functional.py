@@ -1,124 +1,25 @@
 r"""All the math of normalization, in ``torch.nn.functional``'s signatures.
 
 Read top to bottom in the book's order. Every norm is "standardize over a statistics set, then
-an affine": the statistics set comes from :func:`normcode._axes.statistics_view`, the one place
-that says which axes each norm reduces; :func:`_moments` computes mean and variance by two passes;
-:func:`_standardize` applies them. None of this calls torch's own normalization routines.
+an affine": the statistics set comes from :func:`normcode._axes.statistics_set`, the one place
+that says which axes each norm reduces; :func:`_moments` computes mean and variance (three
+reductions: a mean, a corrective mean of the residuals, a mean square); :func:`_inverse_std`
+turns the variance into :math:`1/\sqrt{\mathrm{Var} + \epsilon}`. Each public function opens
+with one call into :mod:`normcode._checks` (bad input raises as in torch) and is math from then
+on. None of this calls torch's own normalization routines.
 """
-import math
-
 import torch
 from torch._prims_common import suggest_memory_format   # the output layout rule of torch's kernels
 
-from ._axes import statistics_view
+from . import _checks as check
+from ._axes import set_size, statistics_set
 
-_REDUCED_PRECISION = (torch.float16, torch.bfloat16)
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks: bad input raises the exception class torch.nn raises, and names the problem.
-# --------------------------------------------------------------------------------------------
-def _check_floating(input, name):
-    if not input.is_floating_point():
-        raise NotImplementedError(
-            f'"{name}" not implemented for {input.dtype}: normalization needs a floating-point input'
-        )
-
-
-def _check_dtypes(input, name, **tensors):
-    # torch's rule: the parameters (and BatchNorm's running statistics) share one dtype, the
-    # input's, or float32 for a float16/bfloat16 input (statistics are accumulated in float32
-    # anyway). Anything else is mixed.
-    given = {what: t.dtype for what, t in tensors.items() if t is not None}
-    allowed = {input.dtype, torch.float32} if input.dtype in _REDUCED_PRECISION else {input.dtype}
-    if len(set(given.values())) > 1 or not set(given.values()) <= allowed:
-        listed = ", ".join(f"{what} of dtype {dtype}" for what, dtype in given.items())
-        raise RuntimeError(
-            f"mixed dtype: {name} got input of dtype {input.dtype} and {listed}; the parameters "
-            f"must share one dtype, the input's (or float32 for a float16/bfloat16 input)")
-
-
-def _check_per_channel(input, name, **tensors):
-    C = input.shape[1]
-    for what, t in tensors.items():
-        if t is not None and t.numel() != C:
-            raise RuntimeError(
-                f"{name}: {what} should contain {C} elements (one per channel of input of size "
-                f"{tuple(input.shape)}) not {t.numel()}"
-            )
-
-
-def _check_channel_dim(input, name, running_mean, running_var):
-    # (N, C, *) needs a dim 1. torch fails on its absence with an IndexError, except batch_norm
-    # given running estimates, which fails on their size with a RuntimeError; normcode keeps the classes.
-    if input.dim() < 2:
-        sized = name == "batch_norm" and (running_mean is not None or running_var is not None)
-        error = RuntimeError if sized else IndexError
-        raise error(f"{name} expects an input of at least 2 dimensions (N, C, *), got a "
-                    f"{input.dim()}D input of size {list(input.shape)}")
-
-
-def _check_running_pair(running_mean, running_var, batch_statistics, name):
-    if batch_statistics and (running_mean is None) != (running_var is None):
-        raise ValueError(f"{name}: running_mean and running_var must either both be None or "
-                         f"neither be None, got running_{'mean' if running_mean is None else 'var'}=None")
-    if not batch_statistics and (running_mean is None or running_var is None):
-        missing = " and ".join(k for k, t in (("running_mean", running_mean), ("running_var", running_var))
-                               if t is None)
-        raise RuntimeError(f"{name}: {missing} must be defined in evaluation mode (when the running "
-                           "estimates normalize instead of the input's statistics)")
-
-
-def _verify_batch_size(size):
-    # One value per channel has variance 0 and a normalized value of 0/0. Counted as torch counts
-    # it, N * prod(spatial), which stays defined when C is 0.
-    if size[0] * math.prod(size[2:]) == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {size}"
-        )
-
-
-def _verify_spatial_size(size):
-    if math.prod(size[2:]) == 1:
-        raise ValueError(
-            f"Expected more than 1 spatial element when training, got input size {size}"
-        )
-
-
-def _check_eps(eps, name):
-    # normcode's rule, stricter than torch's for LayerNorm, GroupNorm, RMSNorm and InstanceNorm
-    # (torch checks eps only in batch_norm): a negative eps makes var + eps negative for any
-    # statistics set of variance below |eps|, and torch returns NaN there without a word.
-    if eps < 0:
-        raise ValueError(f"{name} eps must be non-negative, but got {eps}")
-
-
-def _inverse_std(var, eps, name):
-    r""":math:`1 / \sqrt{\mathrm{Var} + \epsilon}`, refusing the 0/0 of eps = 0 on constant values.
-
-    torch returns NaN there (normcode's rule: bad input gets an error, never a silent NaN). The
-    check costs nothing unless eps is 0.
-    """
-    if eps == 0 and bool((var == 0).any()):
-        raise ValueError(
-            f"{name}: eps=0 and {int((var == 0).sum())} of {var.numel()} statistics sets have zero "
-            "variance (constant values), which normalizes to 0/0 = NaN; pass eps > 0")
-    return torch.rsqrt(var + eps)
-
-
-def _in_layout_of(y, input):
-    """``y`` in the memory format torch's batch, group and RMS norms return for ``input``: channels_last
-    (3d) when ``input``'s strides are channels_last-like, contiguous otherwise."""
-    return y.contiguous(memory_format=suggest_memory_format(input))
-
-
-# --------------------------------------------------------------------------------------------
-# The shared core: moments by two passes, then standardize.
-# --------------------------------------------------------------------------------------------
-#: The dtype each input dtype is computed in. Like torch's CPU kernels, which accumulate float32
-#: statistics in double, normcode computes a float32 norm in float64 and rounds once at the end:
-#: its float32 output is then the correctly rounded one, never less accurate than torch.nn's.
-#: float16/bfloat16 accumulate in float32, as torch.nn does.
+#: The dtype each input dtype is computed in. normcode computes a float32 norm in float64 and
+#: rounds once at the end, to serve as a reference answer: tests/test_numerics.py measures its
+#: float32 output within half a float32 ulp of the exact result, plus the float64 computation's
+#: own error (about 1e-15 relative to the input's magnitude over its spread). This is normcode's
+#: choice, not torch's: torch's CPU kernels accumulate float32 statistics in float32 (its errors
+#: are in the numerics chapter). float16/bfloat16 accumulate in float32, as torch.nn does.
 COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
                  torch.float32: torch.float64, torch.float64: torch.float64}
 
@@ -127,35 +28,60 @@ def _compute_dtype(input):
     return COMPUTE_DTYPE[input.dtype]
 
 
-def _moments(x, dims):
-    r"""Mean and biased variance of ``x`` over ``dims`` (kept), by two passes.
+# --------------------------------------------------------------------------------------------
+# The shared core: moments, the inverse standard deviation, the affine, the running estimates
+# --------------------------------------------------------------------------------------------
+def _centred_sum_of_squares(x, dims, count=None, where=None):
+    r"""Mean and :math:`M_2 = \sum_i (x_i - \mu)^2` of ``x`` over ``dims`` (kept).
+
+    .. math:: \mu = \frac{1}{M}\sum_i x_i, \qquad M_2 = \sum_i (x_i - \mu)^2
+
+    Three reductions, never :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2`, which cancels
+    catastrophically once the mean is large next to the standard deviation. The first mean
+    carries a rounding error that grows with the mean; a corrective mean of the residuals
+    removes it; then the centred sum of squares. ``count`` is M (by default the number of
+    elements reduced); ``where``, a boolean mask broadcasting against ``x``, counts only the
+    elements where it is True (``count`` is then theirs).
+    """
+    if count is None:
+        count = set_size(x, dims)
+
+    def total(values):
+        return (values if where is None else torch.where(where, values, 0)).sum(dims, keepdim=True)
+
+    mean = total(x) / count
+    mean = mean + total(x - mean) / count          # the corrective pass
+    centred = x - mean
+    return mean, total(centred * centred)
+
+
+def _moments(x, dims, count=None, where=None):
+    r"""Mean and biased variance of ``x`` over ``dims`` (kept).
 
     .. math:: \mu = \frac{1}{M}\sum_i x_i, \qquad \sigma^2 = \frac{1}{M}\sum_i (x_i - \mu)^2
 
-    Never :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2`, which cancels catastrophically once the mean
-    is large next to the standard deviation. The first pass's mean carries a rounding error
-    that grows with the mean; one corrective pass over the centred values removes it.
+    By :func:`_centred_sum_of_squares`, which says why and takes the same ``count`` and ``where``.
     """
-    mean = x.mean(dims, keepdim=True)
-    mean = mean + (x - mean).mean(dims, keepdim=True)
-    centred = x - mean
-    var = (centred * centred).mean(dims, keepdim=True)
-    return mean, var
+    if count is None:
+        count = set_size(x, dims)
+    mean, m2 = _centred_sum_of_squares(x, dims, count, where)
+    return mean, m2 / count
 
 
-def _update_running_(running_mean, running_var, mean, unbiased_var, momentum):
-    r"""Move the running estimates toward this batch's, in place and outside autograd:
+def _inverse_std(var, eps, name, *, constant_is_zero=False):
+    r""":math:`r = 1 / \sqrt{\mathrm{Var} + \epsilon}`, refusing the sets where it is inf or NaN.
 
-    .. math:: \hat\mu \leftarrow (1 - m)\,\hat\mu + m\,\mu_B, \qquad
-              \hat\sigma^2 \leftarrow (1 - m)\,\hat\sigma^2 + m\,\sigma^2_{B,\text{unbiased}}
-
-    torch's convention: ``momentum`` is the weight of the new value (TensorFlow's is 1 - m).
-    Either estimate may be None. Every layer with running statistics updates them here.
+    Any eps computes, negative included, as in torch; only a set with
+    :math:`\mathrm{Var} + \epsilon \le 0` raises (:func:`normcode._checks.denominator`), where
+    torch returns inf or NaN. ``constant_is_zero`` is InstanceNorm's rule with instance
+    statistics: torch's kernel defines :math:`1/\sqrt{0 + 0}` as 0 there, so a constant
+    instance normalizes to 0 (the output is beta), not NaN.
     """
-    with torch.no_grad():
-        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
-            if running is not None:
-                running.mul_(1 - momentum).add_(batch.reshape(-1).to(running.dtype), alpha=momentum)
+    if constant_is_zero and eps == 0:
+        zero = var == 0            # the safe denominator keeps autograd finite
+        return torch.where(zero, 0.0, torch.rsqrt(torch.where(zero, 1.0, var)))
+    check.denominator(var, eps, name)
+    return torch.rsqrt(var + eps)
 
 
 def _affine(x_hat, weight, bias, shape):
@@ -169,6 +95,48 @@ def _affine(x_hat, weight, bias, shape):
 
 def _channel_shape(input):
     return (1, input.shape[1]) + (1,) * (input.dim() - 2)          # (1, C, 1, ...)
+
+
+def _running_moments(running_mean, running_var, x):
+    """The running estimates as moments of ``x``: (1, C, 1, ...) in ``x``'s dtype.
+
+    Copies outside autograd: they are constants of this call (torch does not differentiate
+    through them), and the buffers may move on before a backward reads the copies.
+    """
+    shape = _channel_shape(x)
+    return tuple(t.detach().to(x.dtype, copy=True).reshape(shape) for t in (running_mean, running_var))
+
+
+def _exponential_update_(running_mean, running_var, mean, var, n, momentum):
+    r"""Move the running estimates toward this batch's, in place and outside autograd:
+
+    .. math:: \hat\mu \leftarrow (1 - m)\,\hat\mu + m\,\mu_B, \qquad
+              \hat\sigma^2 \leftarrow (1 - m)\,\hat\sigma^2 + m\,\sigma^2_B \frac{n}{n - 1}
+
+    ``var`` is the biased variance over ``n`` values; Bessel's correction n / (n - 1) makes the
+    running variance estimate the population's. torch's convention: ``momentum`` is the weight
+    of the new value (TensorFlow's is 1 - m). Either estimate may be None. Every layer with
+    running statistics updates them here.
+    """
+    unbiased_var = var * (n / (n - 1))
+    with torch.no_grad():
+        for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+            if running is not None:
+                running.mul_(1 - momentum).add_(batch.reshape(-1).to(running.dtype), alpha=momentum)
+
+
+def _in_layout_of(y, input):
+    """``y`` in the memory format torch's batch, group and RMS norms return for ``input``:
+    channels_last (3d) when ``input``'s strides are channels_last-like, contiguous otherwise."""
+    return y.contiguous(memory_format=suggest_memory_format(input))
+
+
+def _rms_eps(eps, input):
+    """RMSNorm's ``eps=None``: the machine epsilon of the dtype torch accumulates in, float32's
+    for a float16, bfloat16 or float32 input, float64's for float64."""
+    if eps is not None:
+        return eps
+    return torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,37 +153,20 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     running estimates move toward them: ``running <- (1 - momentum) running + momentum batch``,
     with the unbiased variance ``var * n / (n - 1)``. Otherwise the running estimates normalize.
     """
-    # The checks in torch's order, so that an input with two faults fails as torch's does.
-    if training:
-        _verify_batch_size(input.size())
-        if eps <= 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    _check_channel_dim(input, "batch_norm", running_mean, running_var)
-    _check_floating(input, "batch_norm")
-    _check_running_pair(running_mean, running_var, training, "batch_norm")
-    _check_dtypes(input, "batch_norm", weight=weight, bias=bias,
-                  running_mean=running_mean, running_var=running_var)
-    _check_per_channel(input, "batch_norm", running_mean=running_mean, running_var=running_var,
-                       weight=weight, bias=bias)
-    shape = _channel_shape(input)
+    check.batch_norm(input, running_mean, running_var, weight, bias, training, eps)
+    if input.dim() < 2:                 # an empty 1-D input: torch returns it as it is
+        return input.clone()
     x = input.to(_compute_dtype(input))
-
     if training:
-        view, dims = statistics_view(x, "batch")
-        mean, var = _moments(view, dims)
-        # An empty batch (N = 0) has nothing to learn from: the estimates stay as they are.
-        if (running_mean is not None or running_var is not None) and input.numel() > 0:
-            n = input.numel() // input.shape[1]
-            # n / (n-1): Bessel's correction, so running_var estimates the population variance.
-            _update_running_(running_mean, running_var, mean, var * (n / (n - 1)), momentum)
+        view, dims, n = statistics_set(x, "batch")
+        mean, var = _moments(view, dims, n)
+        if n > 0:      # an empty batch (N = 0) has nothing to learn from: the estimates stay
+            _exponential_update_(running_mean, running_var, mean, var, n, momentum)
     else:
-        mean = running_mean.to(x.dtype).reshape(shape)
-        var = running_var.to(x.dtype).reshape(shape)
-
+        mean, var = _running_moments(running_mean, running_var, x)
     x_hat = (x - mean) * _inverse_std(var, eps, "batch_norm")
-    return _in_layout_of(_affine(x_hat, weight, bias, shape).to(input.dtype), input)
+    y = _affine(x_hat, weight, bias, _channel_shape(input))
+    return _in_layout_of(y.to(input.dtype), input)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,71 +176,32 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                   use_input_stats=True, momentum=0.1, eps=1e-5):
     r"""Instance normalization, as ``torch.nn.functional.instance_norm``.
 
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
     Statistics per sample and per channel, over every position. With running estimates and
     ``use_input_stats``, they move toward the batch average of the per-instance mean and
     unbiased variance; without ``use_input_stats`` the running estimates normalize instead.
     """
-    # The checks in torch's order, so that an input with two faults fails as torch's does.
-    if use_input_stats:
-        _verify_spatial_size(input.size())       # also refuses (N, C): no positions to average
-    _check_channel_dim(input, "instance_norm", running_mean, running_var)
-    _check_floating(input, "instance_norm")
-    _check_running_pair(running_mean, running_var, use_input_stats, "instance_norm")
-    # Unlike batch_norm's, instance_norm's running estimates may have any floating dtype: torch
-    # reads and writes them through a cast.
-    _check_dtypes(input, "instance_norm", weight=weight, bias=bias)
-    _check_per_channel(input, "instance_norm", running_mean=running_mean, running_var=running_var,
-                       weight=weight, bias=bias)
-    _check_eps(eps, "instance_norm")
-    shape = _channel_shape(input)
+    check.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats)
     x = input.to(_compute_dtype(input))
-
     if use_input_stats:
-        view, dims = statistics_view(x, "instance")
-        mean, var = _moments(view, dims)                               # (N, C, 1, ...)
-        if (running_mean is not None or running_var is not None) and input.numel() > 0:
-            L = math.prod(input.shape[2:])
-            # The batch's average of per-instance means and unbiased (L / (L-1)) variances.
-            _update_running_(running_mean, running_var, mean.reshape(input.shape[:2]).mean(0),
-                             (var.reshape(input.shape[:2]) * (L / (L - 1))).mean(0), momentum)
+        view, dims, L = statistics_set(x, "instance")
+        mean, var = _moments(view, dims, L)                            # (N, C, 1, ...)
+        if input.numel() > 0:
+            # The batch's average of per-instance means and variances, each over L positions.
+            N_C = input.shape[:2]
+            _exponential_update_(running_mean, running_var, mean.reshape(N_C).mean(0),
+                                 var.reshape(N_C).mean(0), L, momentum)
     else:
-        mean = running_mean.to(x.dtype).reshape(shape)
-        var = running_var.to(x.dtype).reshape(shape)
-
-    if use_input_stats and eps == 0:
-        # torch's kernel defines 1 / sqrt(0 + 0) as 0 for instance statistics: a constant instance
-        # normalizes to 0 (the output is beta), not NaN. The safe denominator keeps autograd finite.
-        zero = var == 0
-        inverse_std = torch.where(zero, 0.0, torch.rsqrt(torch.where(zero, 1.0, var)))
-    else:
-        inverse_std = _inverse_std(var, eps, "instance_norm")
-    x_hat = (x - mean) * inverse_std
-    # torch returns instance norm contiguous, whatever the input's layout.
-    return _affine(x_hat, weight, bias, shape).to(input.dtype).contiguous()
+        mean, var = _running_moments(running_mean, running_var, x)
+    x_hat = (x - mean) * _inverse_std(var, eps, "instance_norm", constant_is_zero=use_input_stats)
+    y = _affine(x_hat, weight, bias, _channel_shape(input))
+    return y.to(input.dtype).contiguous()     # torch returns instance norm contiguous, always
 
 
 # --------------------------------------------------------------------------------------------
 # LayerNorm
 # --------------------------------------------------------------------------------------------
-def _check_normalized_shape(input, normalized_shape, name, **tensors):
-    normalized_shape = tuple(normalized_shape)
-    if len(normalized_shape) == 0:
-        raise RuntimeError(
-            f"{name}: Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
-            f"least one element, but got normalized_shape = {list(normalized_shape)}")
-    k = len(normalized_shape)
-    if input.dim() < k or tuple(input.shape[-k:]) != normalized_shape:
-        raise RuntimeError(
-            f"{name}: Given normalized_shape={list(normalized_shape)}, expected input with shape "
-            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size {list(input.shape)}")
-    for what, t in tensors.items():
-        if t is not None and tuple(t.shape) != normalized_shape:
-            raise RuntimeError(
-                f"{name}: Expected {what} to be of same shape as normalized_shape, but got {what} "
-                f"of shape {list(t.shape)} and normalized_shape = {list(normalized_shape)}")
-    return normalized_shape
-
-
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     r"""Layer normalization, as ``torch.nn.functional.layer_norm``.
 
@@ -298,14 +210,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     Statistics per sample, over the trailing ``normalized_shape``; ``weight`` and ``bias`` have
     that shape: one gamma and beta per element, not per channel.
     """
-    _check_floating(input, "layer_norm")
-    _check_dtypes(input, "layer_norm", weight=weight, bias=bias)
-    normalized_shape = _check_normalized_shape(input, normalized_shape, "layer_norm",
-                                               weight=weight, bias=bias)
-    _check_eps(eps, "layer_norm")
+    normalized_shape = check.layer_norm(input, normalized_shape, weight, bias)
     x = input.to(_compute_dtype(input))
-    view, dims = statistics_view(x, "layer", normalized_ndim=len(normalized_shape))
-    mean, var = _moments(view, dims)
+    view, dims, M = statistics_set(x, "layer", normalized_ndim=len(normalized_shape))
+    mean, var = _moments(view, dims, M)
     x_hat = (x - mean) * _inverse_std(var, eps, "layer_norm")
     return _affine(x_hat, weight, bias, normalized_shape).to(input.dtype).contiguous()
 
@@ -322,31 +230,10 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     and every position. G = C gives InstanceNorm's statistics; G = 1 gives LayerNorm's over
     (C, *). The affine stays per channel whatever G is.
     """
-    # The checks in torch's order, so that an input with two faults fails as torch's does.
-    if input.dim() < 2:
-        raise RuntimeError(
-            f"group_norm: Expected at least 2 dimensions for input tensor but received {input.dim()}")
-    N, C = input.shape[:2]
-    if num_groups == 0:                    # torch fails on N * C // 0 (ZeroDivisionError)
-        raise ZeroDivisionError("group_norm: num_groups must be positive, got num_groups=0")
-    _verify_batch_size([N * C // num_groups, num_groups] + list(input.shape[2:]))
-    if num_groups < 0:
-        raise RuntimeError(f"group_norm: Expected num groups to be greater than 0, got {num_groups}")
-    if C % num_groups != 0:
-        raise RuntimeError(
-            f"group_norm: Expected number of channels in input to be divisible by num_groups, but got "
-            f"input of shape {list(input.shape)} and num_groups={num_groups}")
-    for what, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dim() != 1 or t.numel() != C):
-            raise RuntimeError(
-                f"group_norm: Expected {what} to be a vector of size equal to the number of channels "
-                f"in input, but got {what} of shape {list(t.shape)} and input of shape {list(input.shape)}")
-    _check_floating(input, "group_norm")
-    _check_dtypes(input, "group_norm", weight=weight, bias=bias)
-    _check_eps(eps, "group_norm")
+    check.group_norm(input, num_groups, weight, bias)
     x = input.to(_compute_dtype(input))
-    view, dims = statistics_view(x, "group", num_groups=num_groups)    # (N, G, C//G * prod(spatial))
-    mean, var = _moments(view, dims)
+    view, dims, M = statistics_set(x, "group", num_groups=num_groups)   # (N, G, C//G * prod(spatial))
+    mean, var = _moments(view, dims, M)
     x_hat = ((view - mean) * _inverse_std(var, eps, "group_norm")).reshape(input.shape)
     y = _affine(x_hat, weight, bias, _channel_shape(input)).to(input.dtype)
     return _in_layout_of(y, input)            # channels_last stays channels_last, as in torch
@@ -365,18 +252,12 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     in: float32 for a float16, bfloat16 or float32 input, float64 for float64. ``weight`` may have
     any floating dtype (torch accepts that too); the output has the input's.
     """
-    if len(tuple(normalized_shape)) and input.dim() == 0:
-        raise ValueError(f"rms_norm: Input tensor must have at least 1 dimensions, but got 0 "
-                         f"(normalized_shape={list(normalized_shape)})")
-    _check_floating(input, "rms_norm")
-    normalized_shape = _check_normalized_shape(input, normalized_shape, "rms_norm", weight=weight)
-    if eps is None:
-        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
-    _check_eps(eps, "rms_norm")
+    normalized_shape = check.rms_norm(input, normalized_shape, weight)
     x = input.to(_compute_dtype(input))
-    view, dims = statistics_view(x, "rms", normalized_ndim=len(normalized_shape))
-    mean_square = (view * view).mean(dims, keepdim=True)
-    y = _affine(x * _inverse_std(mean_square, eps, "rms_norm"), weight, None, normalized_shape)
+    view, dims, M = statistics_set(x, "rms", normalized_ndim=len(normalized_shape))
+    mean_square = (view * view).sum(dims, keepdim=True) / M
+    y = _affine(x * _inverse_std(mean_square, _rms_eps(eps, input), "rms_norm"), weight, None,
+                normalized_shape)
     return _in_layout_of(y.to(input.dtype), input)
 
 
@@ -391,16 +272,9 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     AlexNet's normalization across neighbouring channels: the sum runs over a window of ``size``
     channels centred on c, zeros beyond the edges counted in, and is always divided by ``size``.
     """
-    if input.dim() < 3:
-        raise ValueError(
-            f"Expected 3D or higher dimensionality input (got {input.dim()} dimensions)")
+    check.local_response_norm(input, size)
     if input.numel() == 0:
         return input.clone()
-    # normcode's rule: torch accepts an int64 input here and floors the window's mean (its
-    # integer average pooling), a silently wrong answer; normcode refuses integers as every norm does.
-    _check_floating(input, "local_response_norm")
-    if size <= 0:
-        raise RuntimeError(f"local_response_norm: size should be greater than zero, but got size={size}")
     x = input.to(_compute_dtype(input))
     squares = x * x
     before, after = size // 2, (size - 1) // 2                 # the window c - size//2 .. c + (size-1)//2

@@ -27,7 +27,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ._axes import statistics_view
-from .functional import _channel_shape, _compute_dtype, _moments
+from .functional import (_channel_shape, _compute_dtype, _inverse_std, _moments, _rms_eps,
+                         _running_moments)
 # The forwards, bound here so that normcode.functional's names may be swapped for this module's.
 from .functional import batch_norm as _batch_norm, group_norm as _group_norm
 from .functional import instance_norm as _instance_norm, layer_norm as _layer_norm
@@ -56,13 +57,6 @@ def standardize_backward(g, x_hat, r, dims, centre=True):
 # --------------------------------------------------------------------------------------------
 # What a norm tells the one autograd.Function
 # --------------------------------------------------------------------------------------------
-def _inverse_std(var, eps):
-    if eps == 0:            # reached only by instance_norm, where torch defines 1 / sqrt(0 + 0) as 0
-        zero = var == 0
-        return torch.where(zero, 0.0, torch.rsqrt(torch.where(zero, 1.0, var)))
-    return torch.rsqrt(var + eps)
-
-
 class _Plan(NamedTuple):
     forward: Callable                 # (input, weight, bias) -> output: the normcode.functional call
     norm: str                         # the statistics set, as normcode._axes.statistics_view names it
@@ -83,16 +77,18 @@ class _Plan(NamedTuple):
         return statistics_view(x, self.norm, **self.view_options)
 
     def statistics(self, view, dims):
-        """Mean (None for RMSNorm) and r = 1 / sqrt(var + eps), shaped to broadcast on ``view``."""
-        if not self.batch_stats:
-            running_mean, running_var = self.fixed
-            shape = (1, -1) + (1,) * (view.dim() - 2)                       # (1, C, 1, ...)
-            mean = running_mean.to(view.dtype, copy=True).reshape(shape)   # a copy: the buffer moves on
-            return mean, _inverse_std(running_var.to(view.dtype).reshape(shape), self.eps)
+        """Mean (None for RMSNorm) and r = 1 / sqrt(var + eps), shaped to broadcast on ``view``.
+
+        The forward has run normcode.functional's checks already, so ``_inverse_std`` refuses
+        nothing here; it is called for its InstanceNorm rule (1 / sqrt(0 + 0) = 0)."""
+        name = f"{self.norm}_norm"
+        if not self.batch_stats:         # the batch and instance views are the input itself
+            mean, var = _running_moments(*self.fixed, view)
+            return mean, _inverse_std(var, self.eps, name)
         if not self.centre:
-            return None, _inverse_std((view * view).mean(dims, keepdim=True), self.eps)
+            return None, _inverse_std((view * view).mean(dims, keepdim=True), self.eps, name)
         mean, var = _moments(view, dims)
-        return mean, _inverse_std(var, self.eps)
+        return mean, _inverse_std(var, self.eps, name, constant_is_zero=self.norm == "instance")
 
 
 class _Normalize(torch.autograd.Function):
@@ -151,6 +147,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     def forward(input, weight, bias):
         return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if input.dim() < 2:              # no statistics to take: the functional raises or returns it
+        return forward(input, weight, bias)
     fixed = None if training else (running_mean, running_var)
     plan = _Plan(forward, "batch", {}, None, eps, training, fixed)
     return _Normalize.apply(input, weight, bias, plan)
@@ -189,9 +187,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     normalized_shape = tuple(normalized_shape)
     def forward(input, weight, bias):
         return _rms_norm(input, normalized_shape, weight, eps)
-    if eps is None:                  # as functional: machine epsilon of the accumulation dtype
-        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
-    plan = _Plan(forward, "rms", {"normalized_ndim": len(normalized_shape)}, normalized_shape, eps)
+    plan = _Plan(forward, "rms", {"normalized_ndim": len(normalized_shape)}, normalized_shape,
+                 _rms_eps(eps, input))
     return _Normalize.apply(input, weight, None, plan)
 
 

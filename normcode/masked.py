@@ -15,11 +15,12 @@ embedding, even NaN) changes nothing.
 """
 import torch
 
+from . import _checks as check
 from . import modules
 from ._axes import statistics_view
 from .functional import (
-    _affine, _channel_shape, _check_dtypes, _check_floating, _check_per_channel,
-    _check_running_pair, _compute_dtype, _inverse_std, _update_running_,
+    _affine, _channel_shape, _compute_dtype, _exponential_update_, _inverse_std, _moments,
+    _running_moments,
 )
 
 
@@ -48,17 +49,11 @@ def _check_mask(input, mask):
 def _masked_moments(x, mask, dims, n):
     r"""Mean and biased variance of ``x`` over ``dims`` (kept), counting only where ``mask``.
 
-    Two passes, as :func:`normcode.functional._moments`: the mean, a corrective pass over the
-    centred values, then the mean square of the centred values.
+    :func:`normcode.functional._moments` with its ``where``: the same three reductions (a mean,
+    a corrective mean of the residuals, the mean square of the centred values), each summing
+    the real positions only, over ``n`` of them.
     """
-    def masked_sum(values):
-        return torch.where(mask, values, 0).sum(dims, keepdim=True)
-
-    mean = masked_sum(x) / n
-    mean = mean + masked_sum(x - mean) / n
-    centred = torch.where(mask, x - mean, 0)
-    var = (centred * centred).sum(dims, keepdim=True) / n
-    return mean, var
+    return _moments(x, dims, count=n, where=mask)
 
 
 def masked_batch_norm(input, mask, running_mean, running_var, weight=None, bias=None,
@@ -75,44 +70,37 @@ def masked_batch_norm(input, mask, running_mean, running_var, weight=None, bias=
     variance ``var * n / (n - 1)``, n the number of real positions; in eval they normalize, and
     the mask only zeroes the padded outputs. Padded positions output 0 and receive no gradient.
     """
-    _check_floating(input, "masked_batch_norm")
-    if input.dim() < 2:
-        raise ValueError("masked_batch_norm expects input of at least 2 dimensions (N, C, *), "
-                         f"got {input.dim()}D input")
-    _check_mask(input, mask)
-    _check_running_pair(running_mean, running_var, training, "masked_batch_norm")
-    _check_dtypes(input, "masked_batch_norm", weight=weight, bias=bias,
-                  running_mean=running_mean, running_var=running_var)
-    _check_per_channel(input, "masked_batch_norm", running_mean=running_mean,
-                       running_var=running_var, weight=weight, bias=bias)
-    n = int(mask.sum())                        # real positions: the same for every channel
-    if training:
-        if n < 2:
-            raise ValueError(
-                f"masked_batch_norm: expected at least 2 real (unmasked) positions when training, "
-                f"got {n} in input of size {tuple(input.shape)}")
-        if eps <= 0:
-            raise ValueError(f"masked_batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0:
-        raise ValueError(f"masked_batch_norm eps must be non-negative, but got {eps}")
-    shape = _channel_shape(input)
+    n = _check(input, mask, running_mean, running_var, weight, bias, training, eps)
     real = mask.unsqueeze(1)                   # (N, 1, *): broadcasts over the channels
     # Padding is replaced by 0 before any arithmetic: a padded NaN or inf would otherwise reach
     # the gradient of the statistics through 0 * NaN = NaN, even with its own output masked.
     x = torch.where(real, input.to(_compute_dtype(input)), 0)
-
-    if training:
+    if not training:                 # the running estimates; the mask only zeroes the padding
+        mean, var = _running_moments(running_mean, running_var, x)
+    else:
         view, dims = statistics_view(x, "batch")              # the axes BatchNorm reduces
         mean, var = _masked_moments(view, real, dims, n)
-        # Bessel's correction over the real positions only.
-        _update_running_(running_mean, running_var, mean, var * (n / (n - 1)), momentum)
-    else:
-        mean = running_mean.to(x.dtype).reshape(shape)
-        var = running_var.to(x.dtype).reshape(shape)
-
-    x_hat = (x - mean) * _inverse_std(var, eps, "masked_batch_norm")
-    y = _affine(x_hat, weight, bias, shape)
+        # n: the real positions, so Bessel's correction counts them only.
+        _exponential_update_(running_mean, running_var, mean, var, n, momentum)
+    y = _affine((x - mean) * _inverse_std(var, eps, "masked_batch_norm"), weight, bias,
+                _channel_shape(input))
     return torch.where(real, y, 0).to(input.dtype)
+
+
+def _check(input, mask, running_mean, running_var, weight, bias, training, eps):
+    """masked_batch_norm's checks (batch_norm's, and the mask's); returns the real positions."""
+    name = "masked_batch_norm"
+    check.floating_nc(input, name)
+    _check_mask(input, mask)
+    check.running_pair(running_mean, running_var, training, name)
+    check.per_channel_tensors(input, name, running_mean, running_var, weight, bias)
+    n = int(mask.sum())                        # real positions: the same for every channel
+    if training and n < 2:
+        raise ValueError(
+            f"{name}: expected at least 2 real (unmasked) positions when training, "
+            f"got {n} in input of size {tuple(input.shape)}")
+    check.batch_norm_eps(eps, training, name)
+    return n
 
 
 class MaskedBatchNorm1d(modules.BatchNorm1d):
@@ -127,16 +115,6 @@ class MaskedBatchNorm1d(modules.BatchNorm1d):
 
     def forward(self, input, mask):
         self._check_input_dim(input)
-        # The momentum bookkeeping of torch.nn's _BatchNorm: None means a cumulative average.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        pass_buffers = not self.training or self.track_running_stats
-        return masked_batch_norm(
-            input, mask,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            self.weight, self.bias, use_batch_stats, factor, self.eps)
+        running_mean, running_var, training, momentum = self._batch_norm_arguments()
+        return masked_batch_norm(input, mask, running_mean, running_var, self.weight, self.bias,
+                                 training, momentum, self.eps)

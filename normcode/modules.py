@@ -43,20 +43,37 @@ def _reset_affine(module):
         nn.init.zeros_(module.bias)
 
 
-class _NormBase(nn.Module):
+class _Layer(nn.Module):
+    """What every normcode layer shares: the constructor's arguments kept as attributes under
+    their names (as torch.nn keeps them), a repr from ``_REPR``, and ``reset_parameters``."""
+
+    #: extra_repr's template, over the attributes (``has_bias``: whether a bias exists).
+    _REPR = ""
+
+    def _keep(self, **arguments):
+        for name, value in arguments.items():
+            setattr(self, name, value)
+
+    def reset_parameters(self):
+        _reset_affine(self)
+
+    def extra_repr(self):
+        return self._REPR.format(has_bias=getattr(self, "bias", None) is not None, **vars(self))
+
+
+class _NormBase(_Layer):
     """Parameters and running statistics shared by BatchNorm and InstanceNorm."""
 
     _version = 2                     # version 2 added num_batches_tracked, as in torch.nn
+    _REPR = ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, bias={has_bias}, "
+             "track_running_stats={track_running_stats}")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, *, bias=True):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        self._keep(num_features=num_features, eps=eps, momentum=momentum, affine=affine,
+                   track_running_stats=track_running_stats)
         _register_affine(self, (num_features,), affine, bias, factory)          # per channel, (C,)
         _register_running_stats(self, num_features, track_running_stats, factory)
         self.reset_parameters()
@@ -72,16 +89,16 @@ class _NormBase(nn.Module):
     def _check_input_dim(self, input):
         raise NotImplementedError
 
-    def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)      # checkpoints older than the counter
+            # A checkpoint older than the counter (or a plain dict, which has no version): the
+            # module keeps its own count, as torch.nn does; 0 where it has none to keep.
+            own = self.num_batches_tracked
+            state_dict[key] = (own if own is not None and own.device != torch.device("meta")
+                               else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -89,24 +106,33 @@ class _NormBase(nn.Module):
 # --------------------------------------------------------------------------------------------
 # BatchNorm
 # --------------------------------------------------------------------------------------------
+def momentum_factor(momentum, num_batches_tracked):
+    """The weight of this batch in the running estimates: ``momentum``, or for ``momentum=None``
+    a cumulative average, 1 / (batches counted so far, this one included), as in torch.nn."""
+    return 1.0 / float(num_batches_tracked) if momentum is None else momentum
+
+
 class _BatchNorm(_NormBase):
-    def forward(self, input):
-        self._check_input_dim(input)
-        # momentum=None: a cumulative average, m = 1 / (batches seen so far).
+    def _batch_norm_arguments(self):
+        """``(running_mean, running_var, training, momentum)`` for this forward's batch_norm call,
+        as torch.nn's ``_BatchNorm.forward`` decides them. Counts the batch (before the forward,
+        as torch.nn does, so a call that then raises still counts) when training with tracking."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)          # counted before the forward, as torch.nn does
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+            self.num_batches_tracked.add_(1)
+            factor = momentum_factor(self.momentum, self.num_batches_tracked)
         # Batch statistics in training, and in eval when there are no running estimates.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running estimates are updated only in training with tracking on; in eval they normalize.
         pass_buffers = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            self.weight, self.bias, use_batch_stats, factor, self.eps)
+        return (self.running_mean if pass_buffers else None,
+                self.running_var if pass_buffers else None, use_batch_stats, factor)
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        running_mean, running_var, training, momentum = self._batch_norm_arguments()
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
+                            momentum, self.eps)
 
 
 def _expect_dims(input, accepted, words):
@@ -231,7 +257,7 @@ def _as_shape(normalized_shape):
     return tuple(normalized_shape)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_Layer):
     r"""Layer normalization, as ``torch.nn.LayerNorm``.
 
     Ba et al. 2016. Statistics per sample over the trailing ``normalized_shape``; ``weight`` and
@@ -239,33 +265,28 @@ class LayerNorm(nn.Module):
     and evaluation compute the same thing.
     """
 
+    _REPR = "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}, bias={has_bias}"
+
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
                  device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.normalized_shape = _as_shape(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
+        self._keep(normalized_shape=_as_shape(normalized_shape), eps=eps,
+                   elementwise_affine=elementwise_affine)
         _register_affine(self, self.normalized_shape, elementwise_affine, bias, factory)  # per element
         self.reset_parameters()
-
-    def reset_parameters(self):
-        _reset_affine(self)
 
     def forward(self, input):
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
-    def extra_repr(self):
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}")
 
-
-class GroupNorm(nn.Module):
+class GroupNorm(_Layer):
     r"""Group normalization, as ``torch.nn.GroupNorm``.
 
     Wu & He 2018. Statistics per sample and group of ``num_channels // num_groups`` contiguous
     channels; ``weight`` and ``bias`` are per channel, shape (C,), whatever the number of groups.
     """
+    _REPR = "{num_groups}, {num_channels}, eps={eps}, affine={affine}, bias={has_bias}"
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *,
                  bias=True):
@@ -277,68 +298,46 @@ class GroupNorm(nn.Module):
         if num_channels % num_groups != 0:
             raise ValueError(
                 f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
-        self.num_groups = num_groups
-        self.num_channels = num_channels
-        self.eps = eps
-        self.affine = affine
+        self._keep(num_groups=num_groups, num_channels=num_channels, eps=eps, affine=affine)
         _register_affine(self, (num_channels,), affine, bias, factory)          # per channel, (C,)
         self.reset_parameters()
-
-    def reset_parameters(self):
-        _reset_affine(self)
 
     def forward(self, input):
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
-    def extra_repr(self):
-        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-                f"bias={self.bias is not None}")
 
-
-class RMSNorm(nn.Module):
+class RMSNorm(_Layer):
     r"""Root-mean-square normalization, as ``torch.nn.RMSNorm``.
 
     Zhang & Sennrich 2019. Scales by the root mean square over the trailing ``normalized_shape``;
     no centring and no bias. ``eps=None`` means the machine epsilon of the dtype torch accumulates
     in: float32's for float16, bfloat16 and float32 input, float64's for float64.
     """
+    _REPR = "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}"
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None):
         super().__init__()
-        self.normalized_shape = _as_shape(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
+        self._keep(normalized_shape=_as_shape(normalized_shape), eps=eps,
+                   elementwise_affine=elementwise_affine)
         factory = {"device": device, "dtype": dtype}
         self.register_parameter(
             "weight", nn.Parameter(torch.empty(self.normalized_shape, **factory)) if elementwise_affine else None)
         self.reset_parameters()
 
-    def reset_parameters(self):
-        _reset_affine(self)
-
     def forward(self, input):
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
-    def extra_repr(self):
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
 
-
-class LocalResponseNorm(nn.Module):
+class LocalResponseNorm(_Layer):
     r"""Local response normalization across channels, as ``torch.nn.LocalResponseNorm``.
 
     Krizhevsky et al. 2012. No parameters and no buffers.
     """
+    _REPR = "{size}, alpha={alpha}, beta={beta}, k={k}"
 
     def __init__(self, size, alpha=1e-4, beta=0.75, k=1.0):
         super().__init__()
-        self.size = size
-        self.alpha = alpha
-        self.beta = beta
-        self.k = k
+        self._keep(size=size, alpha=alpha, beta=beta, k=k)
 
     def forward(self, input):
         return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
-
-    def extra_repr(self):
-        return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"

@@ -12,7 +12,7 @@ InstanceNorm2d, GroupNorm(1, C) or BatchNorm2d exactly) and by gradcheck.
 
 with k over (in, ln, bn) for SwitchNorm2d and (ln, bn) for SwitchNorm1d. Every statistic is
 computed directly on its own statistics set through :func:`normcode._axes.statistics_view` and
-the shared two-pass :func:`normcode.functional._moments`: the paper derives the LN and BN
+the shared :func:`normcode.functional._moments` (three reductions, no cancellation): the paper derives the LN and BN
 moments from the IN ones (``E[var + mu^2] - mean^2``), which is the same number in exact
 arithmetic but cancels in floating point when the mean is large.
 
@@ -28,7 +28,9 @@ Choices where the paper, the authors' code and torch.nn leave room (each is test
   means), which estimates the variance of all those batches pooled together.
 - ``unbiased_instance_var=True`` reproduces the authors' public code: the IN variance divides
   by L - 1 (L = H * W), and the LN and BN variances derived from it are inflated accordingly.
-  It changes the normalization in training only; ``running_var`` is BatchNorm's in both modes.
+  It changes the IN and LN terms in both modes (they always come from the sample) and the BN
+  term in training; in eval the BN term is ``running_var``, which is BatchNorm's unbiased
+  estimate whatever the option says.
 - Degenerate sizes raise a clear error (torch.nn's where one applies), never NaN:
   a 1x1 map (L = 1) has no instance variance (use SwitchNorm1d on the pooled (N, C) input);
   the BN term in training needs more than one value per channel (N * L > 1). A batch of one
@@ -40,12 +42,11 @@ import math
 import torch
 from torch import nn
 
-from . import functional
-from .modules import _register_running_stats, _reset_running_stats
-from ._axes import statistics_view
-from .functional import (_affine, _channel_shape, _check_dtypes, _check_eps, _check_floating,
-                         _check_per_channel, _compute_dtype, _inverse_std, _moments,
-                         _verify_batch_size)
+from . import _checks as check
+from .modules import _Layer, _register_running_stats, _reset_running_stats, momentum_factor
+from ._axes import statistics_set
+from .functional import (_affine, _channel_shape, _compute_dtype, _exponential_update_,
+                         _inverse_std, _moments, _running_moments)
 
 #: The statistics each module mixes, in the order of its ``mean_weight`` and ``var_weight``.
 PARTS = {"SwitchNorm2d": ("instance", "layer", "batch"), "SwitchNorm1d": ("layer", "batch")}
@@ -59,13 +60,13 @@ def switchable_moments(x, parts, unbiased_instance_var=False):
     from it, ``mean(var_in + mu_in^2) - mu^2``, which exceed the direct ones by the average
     biased IN variance over (L - 1). The excess is added here, without the cancelling form.
     """
-    moments = {}
+    moments, counts = {}, {}
     for part in parts:
         options = {"normalized_ndim": x.dim() - 1} if part == "layer" else {}
-        view, dims = statistics_view(x, part, **options)
+        view, dims, counts[part] = statistics_set(x, part, **options)
         moments[part] = _moments(view, dims)     # (N, C, 1..), (N, 1, 1..) or (1, C, 1..)
     if unbiased_instance_var:
-        L = math.prod(x.shape[2:])
+        L = counts["instance"]
         _, var_in = moments["instance"]          # biased, (N, C, 1, ...)
         excess = var_in / (L - 1)
         for part, over in (("instance", None), ("layer", 1), ("batch", 0)):
@@ -76,17 +77,14 @@ def switchable_moments(x, parts, unbiased_instance_var=False):
     return moments
 
 
-def _update_running_(running_mean, running_var, mean, var, n, factor, count, moving_average):
-    """Move the running estimates toward one batch's BN statistics (``var`` biased, over n)."""
-    unbiased = var * (n / (n - 1))                                    # Bessel's correction
-    if moving_average:                                    # BatchNorm's update, shared with it
-        return functional._update_running_(running_mean, running_var, mean, unbiased, factor)
+def _plain_average_update_(running_mean, running_var, mean, var, n, k):
+    """Make the running estimates the plain average over batches 1..k, this one being batch k
+    (``using_moving_average=False``): the mean of the means, and for the variance the average
+    within-batch unbiased variance (``var`` is biased, over ``n`` values) plus the variance of
+    the means (law of total variance), updated in Welford's form. In place, outside autograd."""
     with torch.no_grad():
-        # Batch k of a plain average: mean of the means; var = average within-batch variance
-        # plus the variance of the means (law of total variance), updated in Welford's form.
         mean = mean.reshape(-1).to(running_mean.dtype)
-        unbiased = unbiased.reshape(-1).to(running_var.dtype)
-        k = count
+        unbiased = (var * (n / (n - 1))).reshape(-1).to(running_var.dtype)
         delta = mean - running_mean
         running_mean.add_(delta / k)
         running_var.add_((unbiased + delta * delta * ((k - 1) / k) - running_var) / k)
@@ -103,15 +101,43 @@ def switch_norm(input, mean_weight, var_weight, running_mean=None, running_var=N
     ``num_batches_tracked`` (already incremented for this batch) is needed for the plain average
     (``moving_average=False``) and for ``momentum=None``.
     """
+    _check(input, mean_weight, var_weight, running_mean, running_var, weight, bias, training,
+           momentum, eps, parts, unbiased_instance_var, moving_average, num_batches_tracked)
+    if input.numel() == 0:                       # nothing to normalize or learn from
+        return input.clone()
+    x = input.to(_compute_dtype(input))
+    use_batch_stats = "batch" in parts and training
+    computed = [p for p in parts if p != "batch" or use_batch_stats]
+    moments = switchable_moments(x, computed, unbiased_instance_var)
+    if use_batch_stats and running_mean is not None and running_var is not None:
+        # The running variance is BatchNorm's unbiased one, whatever unbiased_instance_var says.
+        mean_bn, var_bn = (switchable_moments(x, ("batch",))["batch"] if unbiased_instance_var
+                           else moments["batch"])
+        n = statistics_set(x, "batch").count
+        if moving_average:                                # BatchNorm's update, shared with it
+            _exponential_update_(running_mean, running_var, mean_bn, var_bn, n,
+                                 momentum_factor(momentum, num_batches_tracked))
+        else:
+            _plain_average_update_(running_mean, running_var, mean_bn, var_bn, n,
+                                   int(num_batches_tracked))
+    elif "batch" in parts and not training:
+        moments["batch"] = _running_moments(running_mean, running_var, x)
+
+    w = torch.softmax(mean_weight.to(x.dtype), 0)
+    w_var = torch.softmax(var_weight.to(x.dtype), 0)
+    mean = sum(w[k] * moments[p][0] for k, p in enumerate(parts))     # broadcasts to (N, C, 1, ...)
+    var = sum(w_var[k] * moments[p][1] for k, p in enumerate(parts))
+    x_hat = (x - mean) * _inverse_std(var, eps, "switch_norm")
+    return _affine(x_hat, weight, bias, _channel_shape(input)).to(input.dtype)
+
+
+def _check(input, mean_weight, var_weight, running_mean, running_var, weight, bias, training,
+           momentum, eps, parts, unbiased_instance_var, moving_average, num_batches_tracked):
+    """switch_norm's checks: BatchNorm's where the BN statistics are mixed in, and its own."""
     name = "switch_norm"
-    _check_floating(input, name)
-    if input.dim() < 2:
-        raise ValueError(f"{name} expects input of at least 2 dimensions (N, C, *), got "
-                         f"{input.dim()}D input")
-    _check_dtypes(input, name, weight=weight, bias=bias, mean_weight=mean_weight,
-                  var_weight=var_weight, running_mean=running_mean, running_var=running_var)
-    _check_per_channel(input, name, running_mean=running_mean, running_var=running_var,
-                       weight=weight, bias=bias)
+    check.floating_nc(input, name)
+    check.per_channel_tensors(input, name, running_mean, running_var, weight, bias,
+                              mean_weight=mean_weight, var_weight=var_weight)
     for what, logits in (("mean_weight", mean_weight), ("var_weight", var_weight)):
         if logits.shape != (len(parts),):
             raise RuntimeError(f"{name}: {what} should have shape ({len(parts)},), one logit per "
@@ -124,60 +150,34 @@ def switch_norm(input, mean_weight, var_weight, running_mean=None, running_var=N
         raise ValueError(
             f"{name} mixes instance statistics, which need more than 1 spatial element, but got "
             f"input size {list(input.shape)}; for 1x1 maps use SwitchNorm1d on the (N, C) input")
-    _check_eps(eps, name)
-    use_batch_stats = "batch" in parts and training
-    if use_batch_stats:
-        _verify_batch_size(input.size())
-        if eps <= 0:
-            raise ValueError(f"{name} eps must be positive during training, but got {eps}")
-    if "batch" in parts and not training and (running_mean is None or running_var is None):
+    if "batch" not in parts:
+        return                         # any eps: _inverse_std refuses only var + eps <= 0
+    if training:
+        check.batch_size(input.size())
+    check.batch_norm_eps(eps, training, name)
+    if not training and (running_mean is None or running_var is None):
         raise RuntimeError(f"{name}: running_mean and running_var must be given when "
                            "training=False and the BN statistics are mixed in")
-
-    if input.numel() == 0:                       # nothing to normalize or learn from
-        return input.clone()
-    x = input.to(_compute_dtype(input))
-    computed = [p for p in parts if p != "batch" or use_batch_stats]
-    moments = switchable_moments(x, computed, unbiased_instance_var)
-    shape = _channel_shape(input)                                      # (1, C, 1, ...)
-    if use_batch_stats and running_mean is not None and running_var is not None:
-        if (momentum is None or not moving_average) and num_batches_tracked is None:
-            raise RuntimeError(f"{name}: a cumulative average (momentum=None or "
-                               "moving_average=False) needs num_batches_tracked")
-        # The running variance is BatchNorm's unbiased one, whatever unbiased_instance_var says.
-        mean_bn, var_bn = (switchable_moments(x, ("batch",))["batch"] if unbiased_instance_var
-                           else moments["batch"])
-        factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
-        _update_running_(running_mean, running_var, mean_bn, var_bn, input.numel() // input.shape[1],
-                         factor, None if num_batches_tracked is None else int(num_batches_tracked),
-                         moving_average)
-    elif "batch" in parts and not training:
-        moments["batch"] = (running_mean.to(x.dtype).reshape(shape),
-                            running_var.to(x.dtype).reshape(shape))
-
-    w = torch.softmax(mean_weight.to(x.dtype), 0)
-    w_var = torch.softmax(var_weight.to(x.dtype), 0)
-    mean = sum(w[k] * moments[p][0] for k, p in enumerate(parts))     # broadcasts to (N, C, 1, ...)
-    var = sum(w_var[k] * moments[p][1] for k, p in enumerate(parts))
-    x_hat = (x - mean) * _inverse_std(var, eps, name)
-    return _affine(x_hat, weight, bias, shape).to(input.dtype)
+    tracked = running_mean is not None and running_var is not None
+    if training and tracked and (momentum is None or not moving_average) and num_batches_tracked is None:
+        raise RuntimeError(f"{name}: a cumulative average (momentum=None or "
+                           "moving_average=False) needs num_batches_tracked")
 
 
-class _SwitchNorm(nn.Module):
+class _SwitchNorm(_Layer):
     _ndim = None                     # the one accepted input rank
+    _REPR = ("{num_features}, eps={eps}, momentum={momentum}, "
+             "using_moving_average={using_moving_average}, using_bn={using_bn}, "
+             "last_gamma={last_gamma}, unbiased_instance_var={unbiased_instance_var}")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, using_moving_average=True,
                  using_bn=True, last_gamma=False, unbiased_instance_var=False, device=None,
                  dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.using_moving_average = using_moving_average
-        self.using_bn = using_bn
-        self.last_gamma = last_gamma
-        self.unbiased_instance_var = unbiased_instance_var
+        self._keep(num_features=num_features, eps=eps, momentum=momentum,
+                   using_moving_average=using_moving_average, using_bn=using_bn,
+                   last_gamma=last_gamma, unbiased_instance_var=unbiased_instance_var)
         all_parts = PARTS[type(self).__name__]
         self.parts = all_parts if using_bn else tuple(p for p in all_parts if p != "batch")
         if len(self.parts) < 2:
@@ -219,10 +219,6 @@ class _SwitchNorm(nn.Module):
             unbiased_instance_var=self.unbiased_instance_var,
             moving_average=self.using_moving_average, num_batches_tracked=self.num_batches_tracked)
 
-    def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"using_moving_average={self.using_moving_average}, using_bn={self.using_bn}, "
-                f"last_gamma={self.last_gamma}, unbiased_instance_var={self.unbiased_instance_var}")
 
 
 class SwitchNorm2d(_SwitchNorm):
@@ -242,13 +238,9 @@ class SwitchNorm1d(_SwitchNorm):
     LayerNorm alone and is refused.
     """
     _ndim = 2
+    _REPR = _SwitchNorm._REPR.replace(", unbiased_instance_var={unbiased_instance_var}", "")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, using_moving_average=True,
                  using_bn=True, last_gamma=False, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, using_moving_average, using_bn, last_gamma,
                          False, device, dtype)
-
-    def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"using_moving_average={self.using_moving_average}, using_bn={self.using_bn}, "
-                f"last_gamma={self.last_gamma}")
