@@ -176,3 +176,66 @@ def test_sync_batch_norm_converts_both_ways():
         for key, value in model.state_dict().items():
             torch.testing.assert_close(converted.state_dict()[key], value, rtol=0, atol=0)
         torch.testing.assert_close(converted(x), model(x), **TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# What conversion keeps, and what it refuses (never a silent skip)
+# --------------------------------------------------------------------------------------------
+def test_requires_grad_is_kept_so_a_frozen_norm_stays_frozen():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LayerNorm(4))
+    model[1].requires_grad_(False)                       # a frozen BatchNorm (fine-tuning)
+    model[2].bias.requires_grad_(False)
+    for converted in (normcode.from_torch(model), normcode.to_torch(normcode.from_torch(model))):
+        assert [p.requires_grad for p in converted.parameters()] == \
+               [p.requires_grad for p in model.parameters()]
+
+
+def test_hooks_are_carried_over():
+    calls = []
+    bn = nn.BatchNorm1d(3)
+    bn.register_forward_pre_hook(lambda m, args: calls.append(("pre", type(m).__module__)))
+    bn.register_forward_hook(lambda m, args, out: calls.append(("post", type(m).__module__)))
+    bn.register_full_backward_hook(lambda m, gin, gout: calls.append(("backward", type(m).__module__)))
+    ours = normcode.from_torch(nn.Sequential(bn))[0]
+    ours(torch.randn(4, 3, requires_grad=True)).sum().backward()
+    assert calls == [("pre", "normcode.modules"), ("post", "normcode.modules"),
+                     ("backward", "normcode.modules")]
+
+
+class MyBatchNorm(nn.BatchNorm2d):
+    def forward(self, input):
+        return super().forward(input) * 2
+
+
+class MyLayerNorm(normcode.LayerNorm):
+    pass
+
+
+REFUSED = {
+    "a torch subclass": (normcode.from_torch, lambda: nn.Sequential(nn.Conv2d(3, 4, 1), MyBatchNorm(4)),
+                         "subclasses BatchNorm2d"),
+    "a lazy layer before its first forward": (normcode.from_torch, lambda: nn.Sequential(nn.LazyBatchNorm1d()),
+                                              "uninitialized"),
+    "CrossMapLRN2d (no twin)": (normcode.from_torch, lambda: nn.Sequential(nn.CrossMapLRN2d(3)),
+                                "no twin"),
+    "the layer itself, a subclass": (normcode.from_torch, lambda: MyBatchNorm(4), "subclasses"),
+    "a normcode subclass": (normcode.to_torch, lambda: nn.Sequential(MyLayerNorm(4)), "subclasses LayerNorm"),
+    "MaskedBatchNorm1d (forward takes a mask)": (normcode.to_torch,
+                                                 lambda: nn.Sequential(normcode.MaskedBatchNorm1d(3)),
+                                                 "subclasses BatchNorm1d"),
+    "SwitchNorm2d (no twin)": (normcode.to_torch, lambda: nn.Sequential(normcode.SwitchNorm2d(3)), "no twin"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_norm_without_an_exact_twin_is_refused(case):
+    convert, build, words = REFUSED[case]
+    with pytest.raises(TypeError, match=words):
+        convert(build())
+
+
+def test_a_lazy_layer_after_its_first_forward_converts():
+    model = nn.Sequential(nn.LazyBatchNorm1d())
+    model(torch.randn(4, 3))                             # torch makes it a BatchNorm1d
+    ours = normcode.from_torch(model)
+    assert type(ours[0]) is normcode.BatchNorm1d and ours[0].num_features == 3

@@ -368,3 +368,23 @@ def test_empty_batch_leaves_running_statistics():
 def test_exported():
     assert {"SwitchNorm1d", "SwitchNorm2d"} <= set(normcode.__all__)
     assert re.search("mix", normcode.SwitchNorm2d.__doc__)
+
+
+@pytest.mark.parametrize("hot", ["instance", "layer"])
+def test_unbiased_instance_var_changes_eval_too(hot):
+    """In eval the IN and LN terms still come from the sample, so unbiased_instance_var changes
+    them there as in training: the IN variance divides by L - 1, and LN's carries the excess."""
+    x = _x((3, 4, 5, 5))
+    L = 25
+    m = _switch(normcode.SwitchNorm2d, 4, hot, unbiased_instance_var=True).eval()
+    mean_in, var_in = x.mean((2, 3), keepdim=True), x.var((2, 3), keepdim=True)       # L - 1
+    if hot == "instance":
+        mean, var = mean_in, var_in
+    else:   # the authors' LN variance: mean over C of (var_in + mu_in^2), minus mu_ln^2
+        mean = x.mean((1, 2, 3), keepdim=True)
+        var = (var_in + mean_in ** 2).mean(1, keepdim=True) - mean ** 2
+    expected = (x - mean) / torch.sqrt(var + m.eps) * m.weight.reshape(1, 4, 1, 1) \
+        + m.bias.reshape(1, 4, 1, 1)
+    torch.testing.assert_close(m(x), expected, **TOL)
+    plain = _switch(normcode.SwitchNorm2d, 4, hot).eval()
+    assert (m(x) - plain(x)).abs().max() > 1e-3         # the option matters in eval
