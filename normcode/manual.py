@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from . import _checks as check
 from ._axes import statistics_view
 from .functional import (_channel_shape, _compute_dtype, _inverse_std, _moments, _rms_eps,
                          _running_moments)
@@ -149,6 +150,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.dim() < 2:              # no statistics to take: the functional raises or returns it
         return forward(input, weight, bias)
+    # Checked here too: autograd.Function.forward runs without grad mode, where it passes.
+    check.not_differentiable("batch_norm", running_mean, running_var)
     fixed = None if training else (running_mean, running_var)
     plan = _Plan(forward, "batch", {}, None, eps, training, fixed)
     return _Normalize.apply(input, weight, bias, plan)
@@ -160,6 +163,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     def forward(input, weight, bias):
         return _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
                                momentum, eps)
+    check.not_differentiable("instance_norm", running_mean, running_var)     # as batch_norm's
     fixed = None if use_input_stats else (running_mean, running_var)
     plan = _Plan(forward, "instance", {}, None, eps, use_input_stats, fixed)
     return _Normalize.apply(input, weight, bias, plan)

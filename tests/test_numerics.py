@@ -67,11 +67,16 @@ def test_float32_error_at_most_torchs(case, layout, mu, record):
     assert excess.max() <= 0, f"an element is off by more than half an ulp at mu={mu:g}"
 
 
-@pytest.mark.skipif(not torch.__version__.startswith("2.13"), reason="a measured torch 2.13 finding")
-def test_torch_213_channels_last_group_norm_loses_the_mean():
-    """torch 2.13's channels_last GroupNorm kernel (one-pass variance) is off by more than 1 at
-    mu = 1e3 in float32; normcode stays at rounding level. If a torch 2.13.x fixes it, update the
-    book's numerics chapter, which quotes this."""
-    ours, theirs = errors("GroupNorm", (4, 16), (8, 16, 16, 16), "channels_last", 1e3)
-    assert theirs > 1
+def test_channels_last_group_norm_keeps_the_mean():
+    """normcode's channels_last GroupNorm in float32 at mu = 1e3 stays at rounding level."""
+    ours, _ = errors("GroupNorm", (4, 16), (8, 16, 16, 16), "channels_last", 1e3)
     assert ours < 1e-5
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a known torch bug, measured on 2.13: its channels_last GroupNorm kernel (one-pass variance) "
+    "is off by more than 1 at mu = 1e3 in float32. strict: when this passes, torch is fixed; "
+    "update the book's numerics chapter, which quotes the error, and drop this mark"))
+def test_torch_channels_last_group_norm_keeps_the_mean():
+    _, theirs = errors("GroupNorm", (4, 16), (8, 16, 16, 16), "channels_last", 1e3)
+    assert theirs < 1e-3
