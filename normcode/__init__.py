@@ -5,7 +5,7 @@ plain tensor operations (see :mod:`normcode.functional`), never torch's own norm
 """
 from . import functional, testing
 from . import manual, variance
-from ._axes import statistic_ids, statistics_count, statistics_view
+from ._axes import statistic_ids, statistics_count, statistics_set, statistics_view
 from .convert import from_torch, to_torch
 from .distributed import SyncBatchNorm
 from .masked import MaskedBatchNorm1d, masked_batch_norm
@@ -24,7 +24,7 @@ __all__ = [
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", "SwitchNorm1d", "SwitchNorm2d",
     "functional", "testing", "from_torch", "to_torch",
-    "statistics_view", "statistic_ids", "statistics_count",
+    "statistics_view", "statistics_set", "statistic_ids", "statistics_count",
     "MaskedBatchNorm1d", "masked_batch_norm",
     "SyncBatchNorm",
     "manual", "variance",

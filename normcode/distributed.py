@@ -64,7 +64,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def all_reduce_sum(tensor, group=None):
-    """The sum of ``tensor`` over the ranks of ``group``, differentiable (see :class:`_AllReduceSum`)."""
+    """The sum of ``tensor`` over the ranks of ``group``, differentiable (its backward is the same sum of the gradients)."""
     return _AllReduceSum.apply(tensor, group if group is not None else dist.group.WORLD)
 
 
@@ -76,7 +76,7 @@ def global_moments(x, dims, counts, group):
 
     Each rank reduces its shard to a count :math:`n_r`, a mean :math:`\mu_r` and a centred sum
     of squares :math:`M_r = \sum_{i \in r} (x_i - \mu_r)^2` (by
-    :func:`normcode.functional._centred_sum_of_squares`, the same three reductions as one
+    ``normcode.functional._centred_sum_of_squares``, the same three reductions as one
     machine's moments); one ``all_reduce`` gathers them all, and every rank
     merges them (Chan, Golub & LeVeque 1983):
 
@@ -215,7 +215,7 @@ class SyncBatchNorm(_BatchNorm):
 
     Ioffe & Szegedy 2015. In training, with ``torch.distributed`` initialized and more than one
     rank in ``process_group`` (default: the whole world), statistics per channel over N, every
-    position and every rank's shard (:func:`sync_batch_norm`). Otherwise (evaluation, a single
+    position and every rank's shard (:func:`normcode.distributed.sync_batch_norm`). Otherwise (evaluation, a single
     process, a group of one) it is :class:`normcode.BatchNorm1d`/``2d``/``3d`` and communicates
     nothing. Unlike torch.nn's, it also trains on CPU (gloo).
     """

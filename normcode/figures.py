@@ -2,7 +2,7 @@
 
 Drawn in the style of Wu & He (2018), Fig. 2: one cube per norm, axes N, C and H*W, the
 coloured voxels being one statistics set. The colours come from
-:func:`normcode._axes.statistic_ids`, the function the layers compute their statistics with,
+:func:`normcode.statistic_ids`, the function the layers compute their statistics with,
 so the picture cannot disagree with the code.
 """
 import matplotlib.pyplot as plt

@@ -1,11 +1,11 @@
 r"""All the math of normalization, in ``torch.nn.functional``'s signatures.
 
 Read top to bottom in the book's order. Every norm is "standardize over a statistics set, then
-an affine": the statistics set comes from :func:`normcode._axes.statistics_set`, the one place
-that says which axes each norm reduces; :func:`_moments` computes mean and variance (three
-reductions: a mean, a corrective mean of the residuals, a mean square); :func:`_inverse_std`
+an affine": the statistics set comes from :func:`normcode.statistics_set`, the one place
+that says which axes each norm reduces; ``_moments`` computes mean and variance (three
+reductions: a mean, a corrective mean of the residuals, a mean square); ``_inverse_std``
 turns the variance into :math:`1/\sqrt{\mathrm{Var} + \epsilon}`. Each public function opens
-with one call into :mod:`normcode._checks` (bad input raises as in torch) and is math from then
+with one call into ``normcode._checks`` (bad input raises as in torch) and is math from then
 on. None of this calls torch's own normalization routines.
 """
 import torch
@@ -148,7 +148,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
 
-    Statistics per channel, over the batch and every position: for (N, C, *) one mean and one
+    Statistics per channel, over the batch and every position: for ``(N, C, *)`` one mean and one
     (biased) variance per channel. In training the batch's statistics normalize, and the
     running estimates move toward them: ``running <- (1 - momentum) running + momentum batch``,
     with the unbiased variance ``var * n / (n - 1)``. Otherwise the running estimates normalize.
@@ -228,7 +228,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
     Statistics per sample and per group of C // G contiguous channels, over the group's channels
     and every position. G = C gives InstanceNorm's statistics; G = 1 gives LayerNorm's over
-    (C, *). The affine stays per channel whatever G is.
+    ``(C, *)``. The affine stays per channel whatever G is.
     """
     check.group_norm(input, num_groups, weight, bias)
     x = input.to(_compute_dtype(input))

@@ -2,7 +2,7 @@ r"""The norms with hand-written backward passes, in :mod:`normcode.functional`'s
 
 Each function here computes exactly what its namesake in :mod:`normcode.functional` computes
 (the forward *is* that function: same checks, errors, running-statistics updates, output layout),
-but through a :class:`torch.autograd.Function` whose backward is derived by hand instead of
+but through a ``torch.autograd.Function`` whose backward is derived by hand instead of
 recorded by autograd. All of them are one mechanism: standardize over a statistics set, then a
 per-channel or per-element affine,
 

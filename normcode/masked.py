@@ -2,7 +2,7 @@ r"""Batch normalization over padded sequences: statistics from the real position
 
 A batch of sequences of different lengths is padded to one length. ``BatchNorm1d`` on such a
 (N, C, L) batch averages the padding into its statistics, so a token's output changes with the
-amount of padding. :func:`masked_batch_norm` takes a boolean ``mask`` (N, L), True at real
+amount of padding. :func:`normcode.masked_batch_norm` takes a boolean ``mask`` (N, L), True at real
 positions, and computes each channel's mean and variance over those positions alone:
 
 .. math:: \mu_c = \frac{1}{n}\sum_{m_i} x_{i,c}, \qquad
@@ -25,12 +25,12 @@ from .functional import (
 
 
 def pack_real(input, mask):
-    """The real positions of ``input`` (N, C, *) gathered into one (n, C) batch, in order."""
+    """The real positions of ``input`` ``(N, C, *)`` gathered into one (n, C) batch, in order."""
     return input.movedim(1, -1)[mask]                         # (N, *, C)[mask] -> (n, C)
 
 
 def unpack_real(packed, mask):
-    """The inverse of :func:`pack_real`: (n, C) back to (N, C, *), zeros at the padded positions."""
+    """The inverse of :func:`pack_real`: (n, C) back to ``(N, C, *)``, zeros at the padded positions."""
     out = packed.new_zeros(tuple(mask.shape) + (packed.shape[-1],))    # (N, *, C)
     return out.index_put((mask,), packed).movedim(-1, 1)
 
@@ -64,8 +64,8 @@ def masked_batch_norm(input, mask, running_mean, running_var, weight=None, bias=
               \text{ where } m, \qquad y = 0 \text{ elsewhere}
 
     Statistics per channel over the positions where ``mask`` is True, across the batch: the
-    statistics set of BatchNorm with the padding taken out. ``input`` is (N, C, *) as for
-    ``BatchNorm1d`` (usually (N, C, L)); ``mask`` is bool of shape (N, *), True at real positions.
+    statistics set of BatchNorm with the padding taken out. ``input`` is ``(N, C, *)`` as for
+    ``BatchNorm1d`` (usually (N, C, L)); ``mask`` is bool of shape ``(N, *)``, True at real positions.
     In training the running estimates move toward the masked statistics with the unbiased
     variance ``var * n / (n - 1)``, n the number of real positions; in eval they normalize, and
     the mask only zeroes the padded outputs. Padded positions output 0 and receive no gradient.
@@ -108,7 +108,7 @@ class MaskedBatchNorm1d(modules.BatchNorm1d):
 
     Same constructor, parameters, buffers and state_dict as ``torch.nn.BatchNorm1d`` (so a
     ``BatchNorm1d``'s state loads into it and back); only the statistics skip the positions
-    where ``mask`` is False. See :func:`masked_batch_norm`.
+    where ``mask`` is False. See :func:`normcode.masked_batch_norm`.
 
     Shape: input (N, C, L) with mask (N, L), or (N, C) with mask (N,); output as input.
     """

@@ -11,8 +11,8 @@ InstanceNorm2d, GroupNorm(1, C) or BatchNorm2d exactly) and by gradcheck.
     \quad y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
 with k over (in, ln, bn) for SwitchNorm2d and (ln, bn) for SwitchNorm1d. Every statistic is
-computed directly on its own statistics set through :func:`normcode._axes.statistics_view` and
-the shared :func:`normcode.functional._moments` (three reductions, no cancellation): the paper derives the LN and BN
+computed directly on its own statistics set through :func:`normcode.statistics_view` and
+the shared ``normcode.functional._moments`` (three reductions, no cancellation): the paper derives the LN and BN
 moments from the IN ones (``E[var + mu^2] - mean^2``), which is the same number in exact
 arithmetic but cancels in floating point when the mean is large.
 
@@ -23,7 +23,7 @@ Choices where the paper, the authors' code and torch.nn leave room (each is test
   variance unbiased (``n / (n - 1)``, n = N * H * W); ``momentum=None`` is a cumulative average.
   Only the BN term uses them, in eval mode; IN and LN statistics always come from the sample.
 - ``using_moving_average=False``: the running estimates are the plain average over every
-  training batch since :meth:`reset_running_stats`, merged by the law of total variance:
+  training batch since ``reset_running_stats()``, merged by the law of total variance:
   ``running_var`` = (average within-batch unbiased variance) + (biased variance of the batch
   means), which estimates the variance of all those batches pooled together.
 - ``unbiased_instance_var=True`` reproduces the authors' public code: the IN variance divides
@@ -55,7 +55,7 @@ PARTS = {"SwitchNorm2d": ("instance", "layer", "batch"), "SwitchNorm1d": ("layer
 def switchable_moments(x, parts, unbiased_instance_var=False):
     """``{part: (mean, var)}`` for each norm in ``parts``, each broadcastable against ``x``.
 
-    ``x`` is (N, C, *). Variances are biased, except with ``unbiased_instance_var``, which
+    ``x`` is ``(N, C, *)``. Variances are biased, except with ``unbiased_instance_var``, which
     reproduces the authors' code: var_in * L / (L - 1), and the LN and BN variances they derive
     from it, ``mean(var_in + mu_in^2) - mu^2``, which exceed the direct ones by the average
     biased IN variance over (L - 1). The excess is added here, without the cancelling form.
@@ -93,7 +93,7 @@ def _plain_average_update_(running_mean, running_var, mean, var, n, k):
 def switch_norm(input, mean_weight, var_weight, running_mean=None, running_var=None, weight=None,
                 bias=None, training=False, momentum=0.1, eps=1e-5, *, parts=PARTS["SwitchNorm2d"],
                 unbiased_instance_var=False, moving_average=True, num_batches_tracked=None):
-    r"""Switchable normalization of an (N, C, *) input: the functional form of the modules.
+    r"""Switchable normalization of an ``(N, C, *)`` input: the functional form of the modules.
 
     ``mean_weight`` and ``var_weight`` are the logits of the importance weights, one per entry of
     ``parts``. The ``"batch"`` term uses the batch's statistics in training (and updates the

@@ -120,6 +120,6 @@ def jacobian_statistic_groups(fn, x):
 
 
 def same_statistic_matrix(ids):
-    """The boolean (numel, numel) relation "shares a statistic" from :func:`statistic_ids`."""
+    """The boolean (numel, numel) relation "shares a statistic" from :func:`normcode.statistic_ids`."""
     flat = ids.reshape(-1)
     return flat[:, None] == flat[None, :]

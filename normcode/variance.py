@@ -2,7 +2,7 @@ r"""Four ways to compute a variance, kept as teaching references for the numeric
 
 Each returns the mean and the biased variance (divide by n, as the norms use) over ``dim``,
 vectorised over every other dim, in the dtype of ``x`` (the chapter runs them in float32 to
-expose their rounding). The norms themselves use :func:`normcode.functional._moments`.
+expose their rounding). The norms themselves use ``normcode.functional._moments``.
 
 - :func:`naive_var`: :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2`. **Do not use it.** It subtracts
   two large, nearly equal numbers and loses every digit once the mean is large next to the

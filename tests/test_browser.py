@@ -246,3 +246,38 @@ def test_search_finds_momentum(site, browser):
     assert any("glossary" in href for href in hits), hits
     print(f"\nsearch: 'momentum' found on {len(hits)} page(s)")
     page.close()
+
+
+def _api_names():
+    """Every public class and function the API page must document, by its documented path."""
+    import inspect
+
+    import normcode
+
+    names = {f"normcode.{n}" for n in normcode.__all__
+             if inspect.isclass(getattr(normcode, n)) or inspect.isfunction(getattr(normcode, n))}
+    for module in ("functional", "masked", "switchable", "distributed", "manual", "variance",
+                   "testing", "figures"):
+        mod = getattr(normcode, module, None) or __import__(f"normcode.{module}", fromlist=["_"])
+        for n, obj in vars(mod).items():
+            if (not n.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
+                    and obj.__module__ == mod.__name__ and f"normcode.{n}" not in names
+                    and obj not in [getattr(normcode, m) for m in normcode.__all__]):
+                names.add(f"{mod.__name__}.{n}")
+    return names
+
+
+def test_api_page_documents_every_public_name(site, browser):
+    """The API page (chapters/api.md, by autodoc) has an entry for every public class and
+    function, each with its signature, and its formulas typeset by MathJax."""
+    context, _ = browser
+    page, errors = _open(context, site + "chapters/api.html")
+    report = page.evaluate(INSPECT)
+    documented = set(page.evaluate("[...document.querySelectorAll('dt.sig[id]')].map(e => e.id)"))
+    signatures = page.evaluate("document.querySelectorAll('dt.sig .sig-paren').length")
+    page.close()
+    missing = sorted(_api_names() - documented)
+    assert not missing, f"the API page lacks {missing}"
+    assert signatures >= 2 * len(_api_names()), "signatures missing"          # ( and ) each
+    assert report["formulas"] >= 10 and not report["untypeset"] and not report["mathErrors"], report
+    assert not errors, errors
