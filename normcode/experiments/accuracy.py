@@ -26,7 +26,7 @@ from .. import functional as NF
 
 __all__ = ["single_thread", "backward_memory", "autograd_nodes", "gradient_cases",
            "forward_backward", "batchnorm1d_error", "saved_mean_ulps", "float32_spacing",
-           "half_precision_ulps", "count_ops"]
+           "half_precision_ulps", "count_ops", "forward_backward_ops"]
 
 
 @contextlib.contextmanager
@@ -231,3 +231,25 @@ def count_ops(call):
     with _CountOps() as log:
         call()
     return log.ops
+
+
+REDUCTIONS = {"mean", "sum", "var", "var_mean", "amax", "native_layer_norm",
+              "native_batch_norm", "native_group_norm", "linalg_vector_norm"}
+
+
+def forward_backward_ops(call, x, *params):
+    """Count what eager execution of ``y = call(x, *params)`` and ``y.backward(ones)`` runs.
+
+    Returns ``{"ops": aten operations, forward and backward, "forward_reductions":
+    reductions in the forward alone}``: two deterministic measures of eager work.
+    """
+    forward = count_ops(lambda: call(x, *params))
+
+    def both():
+        y = call(x, *params)
+        y.backward(torch.ones_like(y))
+
+    ops = count_ops(both)
+    for t in (x, *params):
+        t.grad = None
+    return {"ops": len(ops), "forward_reductions": sum(op in REDUCTIONS for op in forward)}
