@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 import normcode
-from normcode.experiments.sheet import (axis_roles, behaviour_table, fold_into_conv, html_table,
-                                        sheet_layers, statistics_table, usage_table)
+from normcode.experiments.sheet import (
+    axis_roles,
+    behaviour_table,
+    fold_into_conv,
+    html_table,
+    sheet_layers,
+    statistics_table,
+    usage_table,
+)
 from normcode.testing import randomize_
 
 SHAPES = [  # (N, C, H, W), G
@@ -24,7 +31,7 @@ REDUCE_N = {"BatchNorm2d", "SyncBatchNorm", "SwitchNorm2d"}
 
 @pytest.mark.parametrize("shape, groups", SHAPES)
 def test_statistics_sets(shape, groups):
-    N, C, H, W = shape
+    N, C, _, _ = shape
     _, rows, roles_of = statistics_table(sheet_layers(groups), shape)
     R, K = "reduced", "kept"
     assert roles_of["BatchNorm2d"][0] == {"N": R, "C": K, "H": R, "W": R}

@@ -25,8 +25,8 @@ CLAIMS = [
     # (where, source text, the chapter's claim)
     (MODULE_FORWARD, '"cuda", "hpu", "xpu", torch._C._get_privateuse1_backend_name(), ]',
      "devices: a tensor elsewhere raises"),
-    (MODULE_FORWARD, "world_size = torch.distributed.get_world_size(process_group) "
-                     "need_sync = world_size > 1",
+    (MODULE_FORWARD, ("world_size = torch.distributed.get_world_size(process_group) "
+                      "need_sync = world_size > 1"),
      "the device is tested before the world size: a group of one raises too"),
     (FUNCTION_FORWARD, "combined = torch.cat([mean, invstd, count], dim=0)",
      "forward: mean, invstd and count, 2C + 1 numbers per rank"),
