@@ -15,18 +15,24 @@ them.
   exact mean, in units in the last place.
 - :func:`half_precision_ulps`: the error, in ulps, of float16/bfloat16 norms.
 - :func:`count_ops`: the aten operations a call runs (a ``TorchDispatchMode``).
+- :func:`variance_study`: four variance algorithms and two norms, float32 against float64.
+- :func:`draw_graph`: the computation graph figure of the gradients chapter.
 """
 import contextlib
 
 import torch
 import torch.nn.functional as TF
+
+from .. import variance
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .. import BatchNorm1d
 from .. import functional as NF
 
 __all__ = ["single_thread", "backward_memory", "autograd_nodes", "gradient_cases",
            "forward_backward", "batchnorm1d_error", "saved_mean_ulps", "float32_spacing",
-           "half_precision_ulps", "count_ops", "forward_backward_ops"]
+           "half_precision_ulps", "count_ops", "forward_backward_ops", "backward_table",
+           "variance_study", "draw_graph"]
 
 
 @contextlib.contextmanager
@@ -253,3 +259,101 @@ def forward_backward_ops(call, x, *params):
     for t in (x, *params):
         t.grad = None
     return {"ops": len(ops), "forward_reductions": sum(op in REDUCTIONS for op in forward)}
+
+
+def backward_table(cases, implementations):
+    """:func:`backward_memory` and :func:`forward_backward_ops` for every case and functional.
+
+    ``cases``: ``{name: (input, parameter shape, call(F, x, weight, bias))}``;
+    ``implementations``: ``{name: F}``. Weights are random (``rand + 0.5``), biases
+    ``randn``, drawn from the global generator in table order. Returns
+    ``{(case, implementation): {measure: value}}``.
+    """
+    measured = {}
+    for name, (x, shape, call) in cases.items():
+        x = x.clone().requires_grad_()
+        w = (torch.rand(shape) + 0.5).requires_grad_()
+        b = torch.randn(shape).requires_grad_()
+        for impl, F in implementations.items():
+            f = lambda x, w, b: call(F, x, w, b)
+            measured[name, impl] = {**backward_memory(f, x, w, b),
+                                    **forward_backward_ops(f, x, w, b)}
+    return measured
+
+
+# --------------------------------------------------------------------------------------------
+# The numerics chapter's first study
+# --------------------------------------------------------------------------------------------
+def variance_study(x):
+    """Float32 variances and normalized outputs of ``x`` (M, K), one set per column.
+
+    Returns ``(var_error, output_error, ulps_off)``:
+
+    - ``var_error[name]``: per column, the relative error of the variance of four algorithms
+      (naive, two-pass, Welford, Chan over 8 chunks) and of ``torch.nn.BatchNorm1d`` and
+      ``normcode.BatchNorm1d`` (read from ``running_var`` after one step with
+      ``momentum=1``, Bessel's factor undone), against the float64 variance of the same
+      float32 numbers;
+    - ``output_error["torch.nn BatchNorm1d"]`` etc.: per column, the largest error of the
+      normalized output of batch_norm (a set per column) and layer_norm (the same sets as
+      rows), against the float64 computation;
+    - ``ulps_off[...]``: per element, how many float32 steps the output is from the float64
+      result correctly rounded (the gap of the int32 bit patterns; the signs agree).
+
+    torch is run with one thread: its (N, C) BatchNorm sums per thread.
+    """
+    M, K = x.shape
+    reference = x.double().var(0, correction=0)
+
+    def relative_error(var):
+        return (var.double().reshape(-1) - reference).abs() / reference
+
+    def module_variance(module):
+        with single_thread():
+            module(x)                                      # momentum=1: the batch variance
+        return module.running_var * (M - 1) / M            # undo Bessel's correction
+
+    var_error = {
+        "naive E[x²] − E[x]²": relative_error(variance.naive_var(x, 0)[1]),
+        "two-pass": relative_error(variance.two_pass_var(x, 0)[1]),
+        "Welford": relative_error(variance.welford_var(x, 0)[1]),
+        "Chan (8 chunks)": relative_error(variance.chan_var(x, 0, chunks=8)[1]),
+        "torch.nn.BatchNorm1d": relative_error(
+            module_variance(torch.nn.BatchNorm1d(K, momentum=1.0))),
+        "normcode.BatchNorm1d": relative_error(
+            module_variance(BatchNorm1d(K, momentum=1.0))),
+    }
+    layers = {"BatchNorm1d": lambda F, x: F.batch_norm(x, None, None, training=True),
+              "LayerNorm": lambda F, x: F.layer_norm(x.T, (M,)).T}
+    output_error, ulps_off = {}, {}
+    for name, layer in layers.items():
+        exact = layer(TF, x.double())
+        rounded = exact.float().view(torch.int32)
+        for side, F in (("torch.nn", TF), ("normcode", NF)):
+            with single_thread():
+                y = layer(F, x)
+            output_error[f"{side} {name}"] = (y.double() - exact).abs().amax(0)
+            ulps_off[f"{side} {name}"] = (y.view(torch.int32) - rounded).abs()
+    return var_error, output_error, ulps_off
+
+
+# --------------------------------------------------------------------------------------------
+# A figure
+# --------------------------------------------------------------------------------------------
+def draw_graph(ax, nodes, edges, highlight=("gamma", "beta")):
+    """Draw boxes ``nodes`` ({name: (x, y, label)}) joined by arrows ``edges`` on ``ax``.
+
+    Nodes named in ``highlight`` (the learnable parameters) are drawn orange, others blue.
+    """
+    boxes = {}
+    for name, (x, y, label) in nodes.items():
+        colour = "#fdf1e3" if name in highlight else "#eef3fb"
+        boxes[name] = ax.text(x, y, label, ha="center", va="center", fontsize=12,
+                              bbox=dict(boxstyle="round,pad=0.35", fc=colour, ec="#555"))
+    ax.figure.canvas.draw()                     # lay the boxes out before arrows attach
+    for a, b in edges:
+        arrow = dict(arrowstyle="-|>", color="#444", shrinkA=1, shrinkB=1,
+                     patchA=boxes[a].get_bbox_patch(), patchB=boxes[b].get_bbox_patch())
+        ax.annotate("", xy=(0.5, 0.5), xycoords=boxes[b], xytext=(0.5, 0.5),
+                    textcoords=boxes[a], arrowprops=arrow)
+    ax.axis("off")
