@@ -69,3 +69,14 @@ def test_recalibration_is_the_plain_average_with_the_final_weights():
     batch_means = torch.stack([h[i:i + 10].mean((0, 2, 3)) for i in range(0, 40, 10)])
     torch.testing.assert_close(fixed[1].running_mean, batch_means.mean(0))
     assert not fixed.training and model[1].running_mean[0] == 5.0   # a copy
+
+
+def test_train_mode_accuracies_of_a_stack_are_those_of_each_model():
+    from normcode.experiments.train_eval import train_mode_accuracies, train_mode_accuracy
+    models = [digits_cnn(nn.BatchNorm2d, seed=s) for s in (0, 1)]
+    for m in models:
+        train(m, DATA, steps=5, batch_size=32, lr=0.2, seed=0)
+    for B in (2, 32):
+        stacked = train_mode_accuracies(models, DATA.x_test, DATA.y_test, B)
+        alone = [train_mode_accuracy(m, DATA.x_test, DATA.y_test, B) for m in models]
+        assert stacked == pytest.approx(alone, abs=1 / len(DATA.y_test) + 1e-9)

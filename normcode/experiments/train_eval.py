@@ -170,6 +170,20 @@ def train_mode_accuracy(model, x, y, batch_size):
 
 
 @torch.no_grad()
+def train_mode_accuracies(models, x, y, batch_size, norm=nn.BatchNorm2d):
+    """:func:`train_mode_accuracy` of several ``digits_cnn`` models at once, stacked as in
+    :func:`train_ensemble`: each model is still normalized with its own test batch only."""
+    K = len(models)
+    stacked = stack_models(models, norm).train()
+    n = len(y) // batch_size * batch_size
+    correct = torch.zeros(K)
+    for i in range(0, n, batch_size):
+        logits = stacked(x[i:i + batch_size].expand(-1, K, -1, -1))      # (B, K, 10)
+        correct += (logits.argmax(-1) == y[i:i + batch_size, None]).sum(0)
+    return (correct / n).tolist()
+
+
+@torch.no_grad()
 def recalibrate(model, x, batch_size=64):
     """A copy of ``model`` whose running statistics are re-estimated with its final weights:
     reset, ``momentum=None`` (the plain average), forward passes in training mode over ``x``."""
@@ -215,7 +229,8 @@ def gap_study(data, batch_size, *, samples, lr_scales, seeds, base_batch=32,
     x, y = data.x_test, data.y_test
     return GapStudy(
         batch_size, lrs,
-        train_mode=score(lambda m: train_mode_accuracy(m, x, y, batch_size), models),
+        train_mode=torch.tensor(train_mode_accuracies(models, x, y, batch_size, norm),
+                                dtype=torch.float64).reshape(shape),
         eval_mode=score(lambda m: accuracy(m, x, y), models),
         recalibrated=score(lambda m: accuracy(recalibrate(m, data.x_train), x, y), models),
         shadow_eval={m: score(lambda s: accuracy(s, x, y), shadows[m])
