@@ -18,11 +18,13 @@ from .modules import (
     RMSNorm,
 )
 from .switchable import SwitchNorm1d, SwitchNorm2d
+from .dynamic_tanh import DynamicTanh
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", "SwitchNorm1d", "SwitchNorm2d",
+    "DynamicTanh",
     "functional", "testing", "from_torch", "to_torch",
     "statistics_view", "statistics_set", "statistic_ids", "statistics_count",
     "MaskedBatchNorm1d", "masked_batch_norm",
