@@ -64,7 +64,7 @@ def statistics_set(x, norm, **options):
 
 def set_size(x, dims):
     """How many elements of ``x`` one set over ``dims`` holds."""
-    return math.prod(x.shape[d] for d in dims)
+    return math.prod([x.shape[d] for d in dims])      # a list: torch.compile cannot trace a generator here
 
 
 def statistic_ids(norm, shape, **options):

@@ -2,11 +2,16 @@ r"""All the math of normalization, in ``torch.nn.functional``'s signatures.
 
 Read top to bottom in the book's order. Every norm is "standardize over a statistics set, then
 an affine": the statistics set comes from :func:`normcode.statistics_set`, the one place
-that says which axes each norm reduces; ``_moments`` computes mean and variance (three
-reductions: a mean, a corrective mean of the residuals, a mean square); ``_inverse_std``
-turns the variance into :math:`1/\sqrt{\mathrm{Var} + \epsilon}`. Each public function opens
-with one call into ``normcode._checks`` (bad input raises as in torch) and is math from then
-on. None of this calls torch's own normalization routines.
+that says which axes each norm reduces; ``_centred_moments`` computes the mean and variance
+from the values less one of them (a shift, so that no term is large), and hands back the
+centred values; ``_inverse_std`` turns the variance into :math:`1/\sqrt{\mathrm{Var} + \epsilon}`.
+Each public function opens with one call into ``normcode._checks`` (bad input raises as in
+torch) and is math from then on. None of this calls torch's own normalization routines.
+
+The formulation is written for ``torch.compile`` as much as for the reader: the statistics of a
+float32 input on the CPU take one pass over it (two reductions that inductor fuses into one
+loop), the normalization a second, and nothing autograd records is a correction whose
+derivative is identically zero.
 """
 import torch
 from torch._prims_common import suggest_memory_format   # the output layout rule of torch's kernels
@@ -14,45 +19,96 @@ from torch._prims_common import suggest_memory_format   # the output layout rule
 from . import _checks as check
 from ._axes import set_size, statistics_set
 
-#: The dtype each input dtype is computed in. normcode computes a float32 norm in float64 and
-#: rounds once at the end, to serve as a reference answer: tests/test_numerics.py measures its
-#: float32 output within half a float32 ulp of the exact result, plus the float64 computation's
-#: own error (about 1e-15 relative to the input's magnitude over its spread). This is normcode's
-#: choice, not torch's: torch's CPU kernels accumulate float32 statistics in float32 (its errors
-#: are in the numerics chapter). float16/bfloat16 accumulate in float32, as torch.nn does.
+#: The dtype each input dtype is computed in on the CPU. normcode computes a float32 norm in
+#: float64 there and rounds once at the end, to serve as a reference answer:
+#: tests/test_numerics.py measures its float32 output within half a float32 ulp of the exact
+#: result, plus the float64 computation's own error. This is normcode's choice, not torch's:
+#: torch's CPU kernels accumulate float32 statistics in float32 with their own summation orders
+#: (the numerics chapter measures their errors). float16/bfloat16 accumulate in float32, as
+#: torch.nn does.
 COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
                  torch.float32: torch.float64, torch.float64: torch.float64}
 
+#: The same on CUDA (and any other accelerator): float32 is computed in float32. float64 runs at
+#: 1/32 to 1/64 of the float32 rate on consumer GPUs, so widening would make normcode unusable
+#: there; torch's CUDA kernels accumulate in float32 too. What keeps normcode's error at or below
+#: theirs is the formulation (:func:`_centred_moments`): centred values that are exact, a mean
+#: held as a shift plus a small remainder, and two passes.
+ACCELERATOR_COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+                             torch.float32: torch.float32, torch.float64: torch.float64}
+
 
 def _compute_dtype(input):
-    return COMPUTE_DTYPE[input.dtype]
+    """The per-device rule: float64 for float32 where float64 is cheap (the CPU), float32 on
+    accelerators (:data:`COMPUTE_DTYPE`, :data:`ACCELERATOR_COMPUTE_DTYPE`)."""
+    table = COMPUTE_DTYPE if input.device.type == "cpu" else ACCELERATOR_COMPUTE_DTYPE
+    return table[input.dtype]
 
 
 # --------------------------------------------------------------------------------------------
 # The shared core: moments, the inverse standard deviation, the affine, the running estimates
 # --------------------------------------------------------------------------------------------
+def _shift(x, dims):
+    """One element of each statistics set (its first), outside autograd, kept as (1, ...).
+
+    The moments are computed from ``x - shift``. Mean and variance move with a shift and are
+    unchanged by it, so it is a constant of the derivative (hence detached: its derivative
+    through the formulas below is identically zero). It makes every term small: an element
+    of the set is within a few standard deviations of its mean, whatever the mean is."""
+    x = x.detach()
+    if x.numel() == 0:
+        return x.new_zeros([1 if d in dims else n for d, n in enumerate(x.shape)])
+    for d in dims:
+        x = x.narrow(d, 0, 1)
+    return x
+
+
+def _shifted_sums(x, dims, count, where, exact_terms):
+    r"""``(shift, mean of d, M2)`` with :math:`d = x - \text{shift}`: the mean is
+    ``shift + mean_d`` and :math:`M_2 = \sum_i (x_i - \mu)^2`.
+
+    Never :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2` on ``x`` itself, which cancels
+    catastrophically once the mean is large next to the standard deviation. On the shifted
+    values ``d``:
+
+    - ``exact_terms`` (``x`` is computed wider than it is stored: float32 in float64 on the
+      CPU): ``d`` and ``d * d`` are exact, and
+      :math:`M_2 = \sum d^2 - \bar d \sum d` loses at most a factor
+      :math:`1 + \bar d^2 / \sigma^2` (about 1 to 20 for a shift a few sigma away; never more
+      than M) of the wide format's precision: one pass, two fused sums;
+    - otherwise (float32 on CUDA, float64): the second pass :math:`M_2 = \sum (d - \bar d)^2`.
+      No corrective pass is needed: ``d`` is small, so the rounding of its mean is too.
+
+    ``where``, a boolean mask broadcasting against ``x``, counts only the elements where it is
+    True (``count`` is then theirs); the shift is then 0 and the two passes are taken.
+    """
+    def total(values):
+        return (values if where is None else torch.where(where, values, 0)).sum(dims, keepdim=True)
+
+    shift = _shift(x, dims) if where is None else x.new_zeros(())
+    d = x - shift
+    mean_d = total(d) / count
+    if exact_terms and where is None:
+        m2 = (total(d * d) - mean_d * total(d)).clamp_min(0)   # rounding only: never below 0
+    else:
+        centred = d - mean_d
+        m2 = total(centred * centred)
+    return shift, mean_d, m2
+
+
 def _centred_sum_of_squares(x, dims, count=None, where=None):
     r"""Mean and :math:`M_2 = \sum_i (x_i - \mu)^2` of ``x`` over ``dims`` (kept).
 
     .. math:: \mu = \frac{1}{M}\sum_i x_i, \qquad M_2 = \sum_i (x_i - \mu)^2
 
-    Three reductions, never :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2`, which cancels
-    catastrophically once the mean is large next to the standard deviation. The first mean
-    carries a rounding error that grows with the mean; a corrective mean of the residuals
-    removes it; then the centred sum of squares. ``count`` is M (by default the number of
-    elements reduced); ``where``, a boolean mask broadcasting against ``x``, counts only the
-    elements where it is True (``count`` is then theirs).
+    By :func:`_shifted_sums` in two passes, which says why. ``count`` is M (by default the
+    number of elements reduced); ``where``, a boolean mask broadcasting against ``x``, counts
+    only the elements where it is True (``count`` is then theirs).
     """
     if count is None:
         count = set_size(x, dims)
-
-    def total(values):
-        return (values if where is None else torch.where(where, values, 0)).sum(dims, keepdim=True)
-
-    mean = total(x) / count
-    mean = mean + total(x - mean) / count          # the corrective pass
-    centred = x - mean
-    return mean, total(centred * centred)
+    shift, mean_d, m2 = _shifted_sums(x, dims, count, where, exact_terms=False)
+    return shift + mean_d, m2
 
 
 def _moments(x, dims, count=None, where=None):
@@ -66,6 +122,22 @@ def _moments(x, dims, count=None, where=None):
         count = set_size(x, dims)
     mean, m2 = _centred_sum_of_squares(x, dims, count, where)
     return mean, m2 / count
+
+
+def _centred_moments(x, dims, count, exact_terms):
+    """``(centred, mean, var)`` over ``dims``: the values less their mean, and the moments.
+
+    What every norm with batch statistics calls. ``centred`` is ``(x - shift) - mean_d``: the
+    mean is never rounded to ``x``'s format before it is subtracted (in float32, a mean of 1e6
+    would carry an error of 0.03). ``exact_terms``: one pass (see :func:`_shifted_sums`)."""
+    shift, mean_d, m2 = _shifted_sums(x, dims, count, None, exact_terms)
+    return (x - shift) - mean_d, shift + mean_d, m2 / count
+
+
+def _computes_wider(x, input):
+    """Whether ``x``, the compute copy of ``input``, has a wider format: then the shifted
+    terms are exact and the statistics take one pass."""
+    return torch.finfo(x.dtype).bits > torch.finfo(input.dtype).bits
 
 
 def _inverse_std(var, eps, name, *, constant_is_zero=False):
@@ -85,7 +157,12 @@ def _inverse_std(var, eps, name, *, constant_is_zero=False):
 
 
 def _affine(x_hat, weight, bias, shape):
-    """``x_hat * weight + bias`` with both parameters viewed as ``shape`` (either may be None)."""
+    """``x_hat * weight + bias`` with both parameters viewed as ``shape`` (either may be None).
+
+    With both, one ``torch.addcmul``: a single full-size result instead of two."""
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias.to(x_hat.dtype).reshape(shape), x_hat,
+                             weight.to(x_hat.dtype).reshape(shape))
     if weight is not None:
         x_hat = x_hat * weight.to(x_hat.dtype).reshape(shape)
     if bias is not None:
@@ -116,13 +193,20 @@ def _exponential_update_(running_mean, running_var, mean, var, n, momentum):
     ``var`` is the biased variance over ``n`` values; Bessel's correction n / (n - 1) makes the
     running variance estimate the population's. torch's convention: ``momentum`` is the weight
     of the new value (TensorFlow's is 1 - m). Either estimate may be None. Every layer with
-    running statistics updates them here.
+    running statistics updates them here. ``momentum`` may be a 0-dim tensor (BatchNorm's
+    cumulative average, 1 / num_batches_tracked): ``torch.compile`` then reads the counter in
+    the graph instead of compiling one graph per value of it.
     """
     unbiased_var = var * (n / (n - 1))
     with torch.no_grad():
         for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
-            if running is not None:
-                running.mul_(1 - momentum).add_(batch.reshape(-1).to(running.dtype), alpha=momentum)
+            if running is None:
+                continue
+            batch = batch.reshape(-1).to(running.dtype)
+            if isinstance(momentum, torch.Tensor):
+                running.mul_(1 - momentum).add_(batch * momentum)
+            else:
+                running.mul_(1 - momentum).add_(batch, alpha=momentum)
 
 
 def _in_layout_of(y, input):
@@ -159,12 +243,13 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     x = input.to(_compute_dtype(input))
     if training:
         view, dims, n = statistics_set(x, "batch")
-        mean, var = _moments(view, dims, n)
+        centred, mean, var = _centred_moments(view, dims, n, _computes_wider(x, input))
         if n > 0:      # an empty batch (N = 0) has nothing to learn from: the estimates stay
             _exponential_update_(running_mean, running_var, mean, var, n, momentum)
     else:
         mean, var = _running_moments(running_mean, running_var, x)
-    x_hat = (x - mean) * _inverse_std(var, eps, "batch_norm")
+        centred = x - mean
+    x_hat = centred * _inverse_std(var, eps, "batch_norm")
     y = _affine(x_hat, weight, bias, _channel_shape(input))
     return _in_layout_of(y.to(input.dtype), input)
 
@@ -186,7 +271,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     x = input.to(_compute_dtype(input))
     if use_input_stats:
         view, dims, L = statistics_set(x, "instance")
-        mean, var = _moments(view, dims, L)                            # (N, C, 1, ...)
+        centred, mean, var = _centred_moments(view, dims, L, _computes_wider(x, input))  # (N, C, 1, ...)
         if input.numel() > 0:
             # The batch's average of per-instance means and variances, each over L positions.
             N_C = input.shape[:2]
@@ -194,7 +279,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                  var.reshape(N_C).mean(0), L, momentum)
     else:
         mean, var = _running_moments(running_mean, running_var, x)
-    x_hat = (x - mean) * _inverse_std(var, eps, "instance_norm", constant_is_zero=use_input_stats)
+        centred = x - mean
+    x_hat = centred * _inverse_std(var, eps, "instance_norm", constant_is_zero=use_input_stats)
     y = _affine(x_hat, weight, bias, _channel_shape(input))
     return y.to(input.dtype).contiguous()     # torch returns instance norm contiguous, always
 
@@ -213,8 +299,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     normalized_shape = check.layer_norm(input, normalized_shape, weight, bias)
     x = input.to(_compute_dtype(input))
     view, dims, M = statistics_set(x, "layer", normalized_ndim=len(normalized_shape))
-    mean, var = _moments(view, dims, M)
-    x_hat = (x - mean) * _inverse_std(var, eps, "layer_norm")
+    centred, _, var = _centred_moments(view, dims, M, _computes_wider(x, input))
+    x_hat = centred * _inverse_std(var, eps, "layer_norm")
     return _affine(x_hat, weight, bias, normalized_shape).to(input.dtype).contiguous()
 
 
@@ -233,8 +319,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     check.group_norm(input, num_groups, weight, bias)
     x = input.to(_compute_dtype(input))
     view, dims, M = statistics_set(x, "group", num_groups=num_groups)   # (N, G, C//G * prod(spatial))
-    mean, var = _moments(view, dims, M)
-    x_hat = ((view - mean) * _inverse_std(var, eps, "group_norm")).reshape(input.shape)
+    centred, _, var = _centred_moments(view, dims, M, _computes_wider(x, input))
+    x_hat = (centred * _inverse_std(var, eps, "group_norm")).reshape(input.shape)
     y = _affine(x_hat, weight, bias, _channel_shape(input)).to(input.dtype)
     return _in_layout_of(y, input)            # channels_last stays channels_last, as in torch
 

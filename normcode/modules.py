@@ -108,8 +108,14 @@ class _NormBase(_Layer):
 # --------------------------------------------------------------------------------------------
 def momentum_factor(momentum, num_batches_tracked):
     """The weight of this batch in the running estimates: ``momentum``, or for ``momentum=None``
-    a cumulative average, 1 / (batches counted so far, this one included), as in torch.nn."""
-    return 1.0 / float(num_batches_tracked) if momentum is None else momentum
+    a cumulative average, 1 / (batches counted so far, this one included), as in torch.nn.
+
+    The average is a 0-dim float64 tensor (torch.nn computes it as a Python float, in double
+    precision too): reading the counter as a Python number would make ``torch.compile`` break
+    the graph there, or compile a new one for every count."""
+    if momentum is not None:
+        return momentum
+    return 1.0 / num_batches_tracked.to(torch.float64)
 
 
 class _BatchNorm(_NormBase):
