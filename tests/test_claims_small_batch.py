@@ -1,0 +1,38 @@
+"""The seed claims of chapters/weight_normalization.ipynb that the chapter does not run itself,
+at the chapter's size: GroupNorm with weight standardization against GroupNorm alone at batch
+1 (one image per step), over seeds 0-2."""
+import pytest
+import torch
+
+import normcode
+from normcode.experiments import digits_cnn, load_digits
+from normcode.experiments import small_batch as sb
+
+SEEDS = (0, 1, 2)
+
+
+def gn(c):
+    return normcode.GroupNorm(4, c)
+
+
+@pytest.fixture(scope="module")
+def batch_one():
+    torch.set_num_threads(1)
+    data = load_digits()
+    runs = sb.small_batch_study(lambda norm, seed: digits_cnn(norm, seed=seed), {"GN": gn},
+                                data, batch_sizes=(1,), samples=800, lr=0.05, seeds=SEEDS)
+    runs.update(sb.small_batch_study(lambda norm, seed: sb.std_conv_cnn(gn, seed=seed),
+                                     {"GN+WS": None}, data, batch_sizes=(1,), samples=800,
+                                     lr=0.05, seeds=SEEDS))
+    return runs
+
+
+def test_gn_ws_beats_gn_at_batch_one_for_every_seed(batch_one):
+    for s in SEEDS:
+        assert batch_one["GN+WS", 1, s][1] > batch_one["GN", 1, s][1], s
+
+
+def test_group_norm_has_no_train_eval_gap(batch_one):
+    for key, (train_acc, eval_acc) in batch_one.items():
+        assert abs(train_acc - eval_acc) < 0.01, key
+
