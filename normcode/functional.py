@@ -170,6 +170,14 @@ def _affine(x_hat, weight, bias, shape):
     return x_hat
 
 
+def _per_channel(group_statistic, input):
+    """A per-group statistic (N, G, 1) repeated for each group's channels: (N, C, 1, ...)."""
+    N, G = group_statistic.shape[:2]
+    C = input.shape[1]
+    repeated = group_statistic.reshape(N, G, 1).expand(N, G, C // G)
+    return repeated.reshape((N, C) + (1,) * (input.dim() - 2))
+
+
 def _channel_shape(input):
     return (1, input.shape[1]) + (1,) * (input.dim() - 2)          # (1, C, 1, ...)
 
@@ -319,8 +327,13 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     check.group_norm(input, num_groups, weight, bias)
     x = input.to(_compute_dtype(input))
     view, dims, M = statistics_set(x, "group", num_groups=num_groups)   # (N, G, C//G * prod(spatial))
-    centred, _, var = _centred_moments(view, dims, M, _computes_wider(x, input))
-    x_hat = (centred * _inverse_std(var, eps, "group_norm")).reshape(input.shape)
+    shift, mean_d, m2 = _shifted_sums(view, dims, M, None, _computes_wider(x, input))
+    r = _inverse_std(m2 / M, eps, "group_norm")
+    # Each group's statistics repeated for its C // G channels, (N, G, 1) -> (N, C, 1, ...), so
+    # that the normalization reads x in its own layout: through the grouped view, torch.compile
+    # indexes every element with a division and a remainder and cannot vectorize the loop.
+    shift, mean_d, r = (_per_channel(s, input) for s in (shift, mean_d, r))
+    x_hat = ((x - shift) - mean_d) * r
     y = _affine(x_hat, weight, bias, _channel_shape(input)).to(input.dtype)
     return _in_layout_of(y, input)            # channels_last stays channels_last, as in torch
 
