@@ -60,7 +60,8 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
     # The estimates as they are now, before this batch moves them: (1, C, 1, ...), no gradient.
     mu, var = F._running_moments(running_mean, running_var, x)
     view, dims, n = statistics_set(x, "batch")
-    mean, var_B = F._moments(view, dims, n)
+    # BatchNorm's moments: x - mu_B, mu_B and the biased variance, as batch_norm computes them.
+    centred, mean, var_B = F._centred_moments(view, dims, n, F._computes_wider(x, input))
     inv_std_B = F._inverse_std(var_B, eps, "batch_renorm")                # 1 / sigma_B
     if n > 0:      # BatchNorm's update, Bessel's correction n / (n - 1) included
         F._exponential_update_(running_mean, running_var, mean, var_B, n, momentum)
@@ -68,7 +69,7 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
         inv_std = F._inverse_std(var, eps, "batch_renorm")                # 1 / sigma
         r = (inv_std / inv_std_B).clamp(1 / r_max, r_max)                 # sigma_B / sigma
         d = ((mean - mu) * inv_std).clamp(-d_max, d_max)
-    x_hat = (x - mean) * inv_std_B * r + d
+    x_hat = centred * inv_std_B * r + d
     y = F._affine(x_hat, weight, bias, F._channel_shape(input))
     return F._in_layout_of(y.to(input.dtype), input)
 

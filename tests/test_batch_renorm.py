@@ -197,3 +197,24 @@ def test_dtypes_and_layout_as_batchnorm():
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(brn.running_var, bn.running_var)
     assert copy.deepcopy(brn).eval()(x).shape == x.shape
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"affine": False}])
+def test_is_normcode_batchnorm_bit_for_bit_without_correction(options):
+    """BatchNorm's rules are reused, not copied: with r_max = 1, d_max = 0 the output, the
+    gradient and the buffers are normcode.BatchNorm2d's exactly, in float32 and float64."""
+    from normcode import BatchNorm2d
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(6)
+        bn = randomize_(BatchNorm2d(3, **options), g).to(dtype)
+        brn = BatchRenorm2d(3, r_max=1.0, d_max=0.0, **options).to(dtype)
+        brn.load_state_dict(bn.state_dict())
+        for _ in range(3):
+            x = torch.randn(4, 3, 5, 5, generator=g, dtype=dtype) * 3 + 2
+            xs = [x.clone().requires_grad_(True) for _ in range(2)]
+            ys = [m(xi) for m, xi in zip((bn, brn), xs)]
+            for y in ys:
+                y.sum().backward()
+            assert torch.equal(ys[0], ys[1]) and torch.equal(xs[0].grad, xs[1].grad)
+            for a, b in zip(bn.buffers(), brn.buffers()):
+                assert torch.equal(a, b)
