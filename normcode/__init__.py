@@ -19,12 +19,16 @@ from .modules import (
 )
 from .switchable import SwitchNorm1d, SwitchNorm2d
 from .dynamic_tanh import DynamicTanh
+from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .weight_norms import StdConv2d, spectral_norm, weight_norm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", "SwitchNorm1d", "SwitchNorm2d",
     "DynamicTanh",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "weight_norm", "spectral_norm", "StdConv2d",
     "functional", "testing", "from_torch", "to_torch",
     "statistics_view", "statistics_set", "statistic_ids", "statistics_count",
     "MaskedBatchNorm1d", "masked_batch_norm",
