@@ -60,7 +60,7 @@ def _shift(x, dims):
         return x.new_zeros([1 if d in dims else n for d, n in enumerate(x.shape)])
     for d in dims:
         x = x.narrow(d, 0, 1)
-    return x
+    return x.clone()                # its own memory: the set may be centred in place
 
 
 def _shifted_sums(x, dims, count, where, exact_terms):

@@ -18,19 +18,25 @@ and means taken over the statistics set,
 
 RMSNorm is the same without the centring: drop :math:`\overline{g}` and :math:`\mu`.
 
-What the backward keeps is the input (in its own dtype) and the small mean and ``r``; autograd
-keeps several full-size intermediates in the computation dtype. The backward is written in
-differentiable torch operations, so it can itself be differentiated (double backward).
+What the backward keeps is the input (in its own dtype) and, per statistics set, the mean and
+``r``; autograd through :mod:`normcode.functional` keeps several full-size intermediates in the
+computation dtype. The statistics are computed once, in the forward, by the functional's own
+:func:`normcode.functional._shifted_sums` (one pass over the input on the CPU); the backward
+recomputes :math:`\hat{x}` from the saved input and takes two sums per set. It runs in place
+on its own temporaries; when autograd records it (``create_graph=True``, double backward) it
+is written in differentiable torch operations instead, so that it has a derivative of its own.
 """
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from . import _checks as check
-from ._axes import statistics_view
+from . import functional as F
+from ._axes import set_size, statistics_view
 from .functional import (_channel_shape, _compute_dtype, _inverse_std, _moments, _rms_eps,
                          _running_moments)
-# The forwards, bound here so that normcode.functional's names may be swapped for this module's.
+# The forwards for the inputs the hand-written path leaves to them (empty, or without channels),
+# bound here so that normcode.functional's names may be swapped for this module's.
 from .functional import batch_norm as _batch_norm, group_norm as _group_norm
 from .functional import instance_norm as _instance_norm, layer_norm as _layer_norm
 from .functional import rms_norm as _rms_norm
@@ -59,13 +65,14 @@ def standardize_backward(g, x_hat, r, dims, centre=True):
 # What a norm tells the one autograd.Function
 # --------------------------------------------------------------------------------------------
 class _Plan(NamedTuple):
-    forward: Callable                 # (input, weight, bias) -> output: the normcode.functional call
     norm: str                         # the statistics set, as normcode._axes.statistics_view names it
     view_options: dict
     affine_shape: Optional[tuple]     # weight and bias as they broadcast on the input; None: per channel
     eps: float
     batch_stats: bool = True          # statistics from this input; False: fixed (running) estimates
     fixed: Optional[tuple] = None     # (running_mean, running_var) when not batch_stats
+    update: Optional[Callable] = None  # (mean, var, count) -> None: moves the running estimates
+    layout: Callable = F._in_layout_of  # (y, input) -> y in the memory format torch returns
 
     def param_shape(self, input):
         return _channel_shape(input) if self.affine_shape is None else self.affine_shape
@@ -74,22 +81,41 @@ class _Plan(NamedTuple):
     def centre(self):
         return self.norm != "rms"
 
+    @property
+    def name(self):
+        return f"{self.norm}_norm"
+
     def view(self, x):
         return statistics_view(x, self.norm, **self.view_options)
 
-    def statistics(self, view, dims):
-        """Mean (None for RMSNorm) and r = 1 / sqrt(var + eps), shaped to broadcast on ``view``.
-
-        The forward has run normcode.functional's checks already, so ``_inverse_std`` refuses
-        nothing here; it is called for its InstanceNorm rule (1 / sqrt(0 + 0) = 0)."""
-        name = f"{self.norm}_norm"
-        if not self.batch_stats:         # the batch and instance views are the input itself
+    def statistics(self, view, dims, input):
+        """``(shift, mean_d, r)``, each shaped to broadcast on ``view``: the mean is
+        ``shift + mean_d`` (kept apart, so that ``view - shift`` loses nothing), ``r`` is
+        1 / sqrt(var + eps). RMSNorm has no mean: ``shift`` and ``mean_d`` are None. Moves
+        the running estimates when the plan says so."""
+        if not self.batch_stats:             # the batch and instance views are the input itself
             mean, var = _running_moments(*self.fixed, view)
-            return mean, _inverse_std(var, self.eps, name)
+            return mean, None, _inverse_std(var, self.eps, self.name)
+        count = set_size(view, dims)
         if not self.centre:
-            return None, _inverse_std((view * view).mean(dims, keepdim=True), self.eps, name)
-        mean, var = _moments(view, dims)
-        return mean, _inverse_std(var, self.eps, name, constant_is_zero=self.norm == "instance")
+            mean_square = (view * view).sum(dims, keepdim=True) / count
+            return None, None, _inverse_std(mean_square, self.eps, self.name)
+        shift, mean_d, m2 = F._shifted_sums(view, dims, count, None, view.dtype != input.dtype)
+        var = m2 / count
+        if self.update is not None:
+            self.update(shift + mean_d, var, count)
+        return shift, mean_d, _inverse_std(var, self.eps, self.name,
+                                           constant_is_zero=self.norm == "instance")
+
+
+def _standardized(view, shift, mean_d, r, in_place):
+    """x_hat = ((view - shift) - mean_d) r, on a new tensor (``view`` itself when ``in_place``)."""
+    if shift is None:
+        return view.mul_(r) if in_place else view * r
+    x_hat = view.sub_(shift) if in_place else view - shift
+    if mean_d is not None:
+        x_hat.sub_(mean_d)
+    return x_hat.mul_(r)
 
 
 class _Normalize(torch.autograd.Function):
@@ -97,43 +123,91 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, plan):
-        y = plan.forward(input, weight, bias)        # checks, running estimates, layout: as functional
-        view, dims = plan.view(input.to(_compute_dtype(input)))
-        mean, r = plan.statistics(view, dims)
-        ctx.save_for_backward(input, weight, mean, r)     # the input in its own dtype, mean and r small
+        x = input.to(_compute_dtype(input))          # a copy when it widens: computed in place
+        view, dims = plan.view(x)
+        shift, mean_d, r = plan.statistics(view, dims, input)      # once, for both directions
+        x_hat = _standardized(view, shift, mean_d, r, in_place=x is not input and view is x)
+        y = F._affine(x_hat.reshape(input.shape), weight, bias, plan.param_shape(input))
+        mean = shift if mean_d is None else shift + mean_d        # (None for RMSNorm)
+        ctx.save_for_backward(input, weight, mean, r)      # the input, and two numbers per set
         ctx.plan = plan
         ctx.bias_layout = None if bias is None else (bias.shape, bias.dtype)   # bias itself not needed
-        return y
+        return plan.layout(y.to(input.dtype), input)
 
     @staticmethod
     def backward(ctx, dy):
         input, weight, mean, r = ctx.saved_tensors
         plan = ctx.plan
+        if torch.is_grad_enabled():                  # create_graph=True: a differentiable backward
+            return _recorded_backward(ctx, dy, input, weight, mean, r)
         x = input.to(_compute_dtype(input))
         view, dims = plan.view(x)
-        if plan.batch_stats and torch.is_grad_enabled():
-            # Differentiating this backward (create_graph=True): recompute mean and r from x, so
-            # that their own dependence on x is part of the graph. Same values as the saved ones.
-            mean, r = plan.statistics(view, dims)
-        x_hat = view * r if mean is None else (view - mean) * r           # the statistics view's shape
+        x_hat = _standardized(view, mean, None, r, in_place=x is not input and view is x)
         dy = dy.to(x.dtype)
         shape = plan.param_shape(input)
-        g = dy if weight is None else dy * weight.to(x.dtype).reshape(shape)
-        g = g.reshape(view.shape)                                          # dL/dx_hat
-        if plan.batch_stats:
-            dx = standardize_backward(g, x_hat, r, dims, plan.centre)
-        else:
-            dx = g * r                                # fixed statistics: an elementwise affine
-        dx = dx.reshape(input.shape).to(input.dtype)
-
         dweight = dbias = None
-        if ctx.needs_input_grad[1]:                 # summed over every dim the affine broadcasts along
-            dweight = (dy * x_hat.reshape(input.shape)).sum_to_size(shape)
-            dweight = dweight.reshape(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             bias_shape, bias_dtype = ctx.bias_layout
             dbias = dy.sum_to_size(shape).reshape(bias_shape).to(bias_dtype)
+        g = dy if weight is None else dy * weight.to(x.dtype).reshape(shape)    # dL/dx_hat
+        g = g.reshape(view.shape)
+        if not ctx.needs_input_grad[0]:
+            dx = None
+        elif not plan.batch_stats:
+            dx = g * r                                # fixed statistics: an elementwise affine
+        else:
+            g_x_hat = g * x_hat
+            along_x_hat = x_hat * g_x_hat.mean(dims, keepdim=True)
+            del g_x_hat
+            dx = g - g.mean(dims, keepdim=True) if plan.centre else g.clone()
+            dx.sub_(along_x_hat).mul_(r)
+        if dx is not None:
+            dx = dx.reshape(input.shape).to(input.dtype)
+        if ctx.needs_input_grad[1]:                 # summed over every dim the affine broadcasts along
+            dweight = (dy * x_hat.reshape(input.shape)).sum_to_size(shape)
+            dweight = dweight.reshape(weight.shape).to(weight.dtype)
         return dx, dweight, dbias, None
+
+
+def _recorded_backward(ctx, dy, input, weight, mean, r):
+    """The backward in differentiable operations, for a graph of the backward itself. With batch
+    statistics the mean and r are recomputed from x inside that graph, so that their own
+    dependence on x is differentiated too (same values as the saved ones)."""
+    plan = ctx.plan
+    x = input.to(_compute_dtype(input))
+    view, dims = plan.view(x)
+    if plan.batch_stats:
+        name = plan.name
+        if plan.centre:
+            mean, var = _moments(view, dims)
+            r = _inverse_std(var, plan.eps, name, constant_is_zero=plan.norm == "instance")
+            x_hat = (view - mean) * r
+        else:
+            r = _inverse_std((view * view).mean(dims, keepdim=True), plan.eps, name)
+            x_hat = view * r
+    else:
+        x_hat = (view - mean) * r
+    dy = dy.to(x.dtype)
+    shape = plan.param_shape(input)
+    g = dy if weight is None else dy * weight.to(x.dtype).reshape(shape)
+    g = g.reshape(view.shape)                                          # dL/dx_hat
+    if plan.batch_stats:
+        dx = standardize_backward(g, x_hat, r, dims, plan.centre)
+    else:
+        dx = g * r
+    dx = dx.reshape(input.shape).to(input.dtype)
+    dweight = dbias = None
+    if ctx.needs_input_grad[1]:
+        dweight = (dy * x_hat.reshape(input.shape)).sum_to_size(shape)
+        dweight = dweight.reshape(weight.shape).to(weight.dtype)
+    if ctx.needs_input_grad[2]:
+        bias_shape, bias_dtype = ctx.bias_layout
+        dbias = dy.sum_to_size(shape).reshape(bias_shape).to(bias_dtype)
+    return dx, dweight, dbias, None
+
+
+def _contiguous(y, input):
+    return y.contiguous()            # torch returns instance and layer norm contiguous, always
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,52 +220,63 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     Training: the batch's statistics, so the full :func:`standardize_backward`. Evaluation: the
     running estimates are constants and the backward is ``dy * gamma * r``.
     """
-    def forward(input, weight, bias):
+    check.batch_norm(input, running_mean, running_var, weight, bias, training, eps)
+    if input.dim() < 2 or input.numel() == 0:     # nothing to normalize: the functional's answer
         return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if input.dim() < 2:              # no statistics to take: the functional raises or returns it
-        return forward(input, weight, bias)
     # Checked here too: autograd.Function.forward runs without grad mode, where it passes.
     check.not_differentiable("batch_norm", running_mean, running_var)
+
+    def update(mean, var, n):
+        F._exponential_update_(running_mean, running_var, mean, var, n, momentum)
     fixed = None if training else (running_mean, running_var)
-    plan = _Plan(forward, "batch", {}, None, eps, training, fixed)
+    plan = _Plan("batch", {}, None, eps, training, fixed, update if training else None)
     return _Normalize.apply(input, weight, bias, plan)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5):
     """:func:`normcode.functional.instance_norm` with a hand-written backward."""
-    def forward(input, weight, bias):
+    check.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats)
+    if input.numel() == 0:
         return _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
-                               momentum, eps)
+                              momentum, eps)
     check.not_differentiable("instance_norm", running_mean, running_var)     # as batch_norm's
+
+    def update(mean, var, L):            # the batch's average of the per-instance statistics
+        N_C = input.shape[:2]
+        F._exponential_update_(running_mean, running_var, mean.reshape(N_C).mean(0),
+                               var.reshape(N_C).mean(0), L, momentum)
     fixed = None if use_input_stats else (running_mean, running_var)
-    plan = _Plan(forward, "instance", {}, None, eps, use_input_stats, fixed)
+    plan = _Plan("instance", {}, None, eps, use_input_stats, fixed,
+                 update if use_input_stats else None, _contiguous)
     return _Normalize.apply(input, weight, bias, plan)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """:func:`normcode.functional.layer_norm` with a hand-written backward."""
-    normalized_shape = tuple(normalized_shape)
-    def forward(input, weight, bias):
+    normalized_shape = check.layer_norm(input, normalized_shape, weight, bias)
+    if input.numel() == 0:
         return _layer_norm(input, normalized_shape, weight, bias, eps)
-    plan = _Plan(forward, "layer", {"normalized_ndim": len(normalized_shape)}, normalized_shape, eps)
+    plan = _Plan("layer", {"normalized_ndim": len(normalized_shape)}, normalized_shape, eps,
+                 layout=_contiguous)
     return _Normalize.apply(input, weight, bias, plan)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """:func:`normcode.functional.group_norm` with a hand-written backward."""
-    def forward(input, weight, bias):
+    check.group_norm(input, num_groups, weight, bias)
+    if input.numel() == 0:
         return _group_norm(input, num_groups, weight, bias, eps)
-    plan = _Plan(forward, "group", {"num_groups": num_groups}, None, eps)
+    plan = _Plan("group", {"num_groups": num_groups}, None, eps)
     return _Normalize.apply(input, weight, bias, plan)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
     """:func:`normcode.functional.rms_norm` with a hand-written backward."""
-    normalized_shape = tuple(normalized_shape)
-    def forward(input, weight, bias):
+    normalized_shape = check.rms_norm(input, normalized_shape, weight)
+    if input.numel() == 0:
         return _rms_norm(input, normalized_shape, weight, eps)
-    plan = _Plan(forward, "rms", {"normalized_ndim": len(normalized_shape)}, normalized_shape,
+    plan = _Plan("rms", {"normalized_ndim": len(normalized_shape)}, normalized_shape,
                  _rms_eps(eps, input))
     return _Normalize.apply(input, weight, None, plan)
 
