@@ -26,6 +26,7 @@ recomputes :math:`\hat{x}` from the saved input and takes two sums per set. It r
 on its own temporaries; when autograd records it (``create_graph=True``, double backward) it
 is written in differentiable torch operations instead, so that it has a derivative of its own.
 """
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -72,7 +73,7 @@ class _Plan(NamedTuple):
     batch_stats: bool = True          # statistics from this input; False: fixed (running) estimates
     fixed: Optional[tuple] = None     # (running_mean, running_var) when not batch_stats
     update: Optional[Callable] = None  # (mean, var, count) -> None: moves the running estimates
-    layout: Callable = F._in_layout_of  # (y, input) -> y in the memory format torch returns
+    keeps_layout: bool = True         # channels_last in, channels_last out (False: contiguous out)
 
     def param_shape(self, input):
         return _channel_shape(input) if self.affine_shape is None else self.affine_shape
@@ -88,51 +89,109 @@ class _Plan(NamedTuple):
     def view(self, x):
         return statistics_view(x, self.norm, **self.view_options)
 
-    def statistics(self, view, dims, input):
-        """``(shift, mean_d, r)``, each shaped to broadcast on ``view``: the mean is
-        ``shift + mean_d`` (kept apart, so that ``view - shift`` loses nothing), ``r`` is
-        1 / sqrt(var + eps). RMSNorm has no mean: ``shift`` and ``mean_d`` are None. Moves
-        the running estimates when the plan says so."""
-        if not self.batch_stats:             # the batch and instance views are the input itself
-            mean, var = _running_moments(*self.fixed, view)
-            return mean, None, _inverse_std(var, self.eps, self.name)
-        count = set_size(view, dims)
-        if not self.centre:
-            mean_square = (view * view).sum(dims, keepdim=True) / count
-            return None, None, _inverse_std(mean_square, self.eps, self.name)
-        shift, mean_d, m2 = F._shifted_sums(view, dims, count, None, view.dtype != input.dtype)
-        var = m2 / count
-        if self.update is not None:
-            self.update(shift + mean_d, var, count)
-        return shift, mean_d, _inverse_std(var, self.eps, self.name,
-                                           constant_is_zero=self.norm == "instance")
+    def per_channel(self, statistic, input):
+        """A statistic shaped for the view, shaped for the input: GroupNorm's (N, G, 1) repeated
+        for each group's channels, (N, C, 1, ...); the others' views are the input already."""
+        if statistic is None or self.norm != "group":
+            return statistic
+        return F._per_channel(statistic, input)
+
+    def set_sum(self, per_nc):
+        """Sums of per-(sample, channel) partial sums ``(N, C, 1, ...)`` over each statistics set,
+        broadcastable on the input (BatchNorm's over N; GroupNorm's over the group's channels)."""
+        if self.norm == "batch":
+            return per_nc.sum(0, keepdim=True)
+        if self.norm == "group":
+            N, C = per_nc.shape[:2]
+            G = self.view_options["num_groups"]
+            grouped = per_nc.reshape(N, G, C // G).sum(2, keepdim=True).expand(N, G, C // G)
+            return grouped.reshape(per_nc.shape)
+        return per_nc                                   # instance: one set per (n, c)
 
 
-def _standardized(view, shift, mean_d, r, in_place):
-    """x_hat = ((view - shift) - mean_d) r, on a new tensor (``view`` itself when ``in_place``)."""
-    if shift is None:
-        return view.mul_(r) if in_place else view * r
-    x_hat = view.sub_(shift) if in_place else view - shift
-    if mean_d is not None:
-        x_hat.sub_(mean_d)
-    return x_hat.mul_(r)
+def _spatial_sum(t):
+    """``(N, C, *)`` summed over every position, kept: ``(N, C, 1, ...)``."""
+    return t if t.dim() == 2 else t.sum(tuple(range(2, t.dim())), keepdim=True)
+
+
+def _output(input, plan):
+    """The output tensor, in the input's dtype and torch's memory format for this norm."""
+    layout = F.suggest_memory_format(input) if plan.keeps_layout else torch.contiguous_format
+    return torch.empty_like(input, memory_format=layout)
 
 
 class _Normalize(torch.autograd.Function):
-    """y = (x - mean) r gamma + beta over a statistics set, with a hand-written backward."""
+    """y = (x - mean) r gamma + beta over a statistics set, with a hand-written backward.
+
+    forward: the statistics once (:meth:`_Plan.statistics`), then the output in the fewest
+    elementwise passes: with per-channel parameters, y = d (r gamma) + (beta - mean_d r gamma)
+    is one multiply-add of the shifted input d, computed wide and rounded once into the output.
+    It saves the input in its own dtype, gamma, and per set the mean and r.
+
+    backward: x_hat recomputed from them in the input's dtype (float32, as torch's kernels
+    compute a float32 backward: the forward's output is the reference answer, the gradient is
+    float32 arithmetic), then two sums per set (of g and of g x_hat, by way of per-(sample,
+    channel) partial sums or, for a per-element affine, matrix-vector products) and
+    dx = r (g - mean(g) - x_hat mean(g x_hat)) as two multiply-adds.
+    """
 
     @staticmethod
     def forward(ctx, input, weight, bias, plan):
-        x = input.to(_compute_dtype(input))          # a copy when it widens: computed in place
-        view, dims = plan.view(x)
-        shift, mean_d, r = plan.statistics(view, dims, input)      # once, for both directions
-        x_hat = _standardized(view, shift, mean_d, r, in_place=x is not input and view is x)
-        y = F._affine(x_hat.reshape(input.shape), weight, bias, plan.param_shape(input))
-        mean = shift if mean_d is None else shift + mean_d        # (None for RMSNorm)
+        compute = _compute_dtype(input)
+        view, dims = plan.view(input)
+        count = set_size(view, dims)
+        y = _output(input, plan)
+        shape = plan.param_shape(input)
+        w = None if weight is None else weight.to(compute).reshape(shape)
+        b = None if bias is None else bias.to(compute).reshape(shape)
+        if not plan.batch_stats:                      # fixed estimates: one multiply-add
+            mean, var = (t.detach().to(compute).reshape(_channel_shape(input)) for t in plan.fixed)
+            r = _inverse_std(var, plan.eps, plan.name)
+            scale = r if w is None else r * w
+            if compute != input.dtype:                # x scale is exact enough computed wide
+                offset = -mean * scale if b is None else b - mean * scale
+                torch.addcmul(offset, input, scale, out=y)
+            else:                                     # same width: centre first
+                torch.mul(input - mean, scale, out=y) if b is None else \
+                    torch.addcmul(b, input - mean, scale, out=y)
+        elif not plan.centre:                         # RMSNorm: x r gamma
+            x = input.to(compute)
+            r = _inverse_std((x * x).sum(dims, keepdim=True) / count, plan.eps, plan.name)
+            mean = None
+            torch.mul(x.mul_(r) if x is not input else x * r, 1 if w is None else w, out=y)
+        else:
+            shift = F._shift(view, dims).to(compute)
+            d = torch.sub(view, shift).to(compute)               # exact when computed wider
+            sum_d = d.sum(dims, keepdim=True)
+            mean_d = sum_d / count
+            if compute != input.dtype:                # exact terms: one pass (F._shifted_sums)
+                m2 = (torch.linalg.vector_norm(d, 2, dims, keepdim=True).square()
+                      - mean_d * sum_d).clamp_min(0)
+            else:
+                m2 = ((d - mean_d) ** 2).sum(dims, keepdim=True)
+            var = m2 / count
+            mean = shift + mean_d
+            if plan.update is not None:
+                plan.update(mean, var, count)
+            r = _inverse_std(var, plan.eps, plan.name, constant_is_zero=plan.norm == "instance")
+            d = d.reshape(input.shape)
+            r_c, mean_d_c = plan.per_channel(r, input), plan.per_channel(mean_d, input)
+            if plan.affine_shape is None:             # per-channel affine: one multiply-add
+                scale = r_c if w is None else r_c * w
+                offset = -mean_d_c * scale if b is None else b - mean_d_c * scale
+                torch.addcmul(offset, d, scale, out=y)
+            else:                                     # per-element affine (LayerNorm)
+                x_hat = d.sub_(mean_d_c).mul_(r_c)
+                if w is None:
+                    y.copy_(x_hat if b is None else x_hat + b)
+                elif b is None:
+                    torch.mul(x_hat, w, out=y)
+                else:
+                    torch.addcmul(b, x_hat, w, out=y)
         ctx.save_for_backward(input, weight, mean, r)      # the input, and two numbers per set
-        ctx.plan = plan
+        ctx.plan, ctx.count = plan, count
         ctx.bias_layout = None if bias is None else (bias.shape, bias.dtype)   # bias itself not needed
-        return plan.layout(y.to(input.dtype), input)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -140,33 +199,78 @@ class _Normalize(torch.autograd.Function):
         plan = ctx.plan
         if torch.is_grad_enabled():                  # create_graph=True: a differentiable backward
             return _recorded_backward(ctx, dy, input, weight, mean, r)
-        x = input.to(_compute_dtype(input))
-        view, dims = plan.view(x)
-        x_hat = _standardized(view, mean, None, r, in_place=x is not input and view is x)
-        dy = dy.to(x.dtype)
+        # float32 and float64 in their own dtype; float16 and bfloat16 in float32.
+        dtype = torch.promote_types(input.dtype, torch.float32)
+        mean, r = plan.per_channel(mean, input), plan.per_channel(r, input)
+        needs_x_hat = plan.batch_stats or ctx.needs_input_grad[1]
+        x_hat = _x_hat(input, mean, r, dtype) if needs_x_hat else None
+        r = r.to(dtype)
+        dy = dy.to(dtype)
         shape = plan.param_shape(input)
-        dweight = dbias = None
-        if ctx.needs_input_grad[2]:
-            bias_shape, bias_dtype = ctx.bias_layout
-            dbias = dy.sum_to_size(shape).reshape(bias_shape).to(bias_dtype)
-        g = dy if weight is None else dy * weight.to(x.dtype).reshape(shape)    # dL/dx_hat
-        g = g.reshape(view.shape)
-        if not ctx.needs_input_grad[0]:
-            dx = None
-        elif not plan.batch_stats:
-            dx = g * r                                # fixed statistics: an elementwise affine
+        w = None if weight is None else weight.to(dtype).reshape(shape)
+        if plan.affine_shape is None:
+            dx, dweight, dbias = _channel_backward(plan, dy, x_hat, r, w, ctx.count,
+                                                   ctx.needs_input_grad)
         else:
-            g_x_hat = g * x_hat
-            along_x_hat = x_hat * g_x_hat.mean(dims, keepdim=True)
-            del g_x_hat
-            dx = g - g.mean(dims, keepdim=True) if plan.centre else g.clone()
-            dx.sub_(along_x_hat).mul_(r)
+            dx, dweight, dbias = _row_backward(plan, dy, x_hat, r, w)
         if dx is not None:
             dx = dx.reshape(input.shape).to(input.dtype)
-        if ctx.needs_input_grad[1]:                 # summed over every dim the affine broadcasts along
-            dweight = (dy * x_hat.reshape(input.shape)).sum_to_size(shape)
+        if not ctx.needs_input_grad[1]:
+            dweight = None
+        elif dweight is not None:
             dweight = dweight.reshape(weight.shape).to(weight.dtype)
+        if not ctx.needs_input_grad[2]:
+            dbias = None
+        else:
+            bias_shape, bias_dtype = ctx.bias_layout
+            dbias = dbias.reshape(bias_shape).to(bias_dtype)
         return dx, dweight, dbias, None
+
+
+def _x_hat(input, mean, r, dtype):
+    """(x - mean) r in ``dtype`` from the wide ``mean``: its high part is subtracted first
+    (exact for x near the mean), then the low part, so that nothing is lost at a large mean."""
+    if mean is None:
+        return input.to(dtype) * r.to(dtype)
+    high = mean.to(dtype)
+    x_hat = torch.sub(input, high)
+    if mean.dtype != dtype:
+        x_hat.sub_((mean - high).to(dtype))
+    return x_hat.mul_(r.to(dtype))
+
+
+def _channel_backward(plan, dy, x_hat, r, w, M, needs):
+    """BatchNorm, InstanceNorm, GroupNorm: per-channel parameters. Partial sums of dy and
+    dy x_hat per (sample, channel) serve the parameters' gradients and the sets' sums."""
+    sum_dy = _spatial_sum(dy)                                  # (N, C, 1, ...)
+    sum_dy_x_hat = None if x_hat is None else _spatial_sum(dy * x_hat)
+    dbias = sum_dy.sum(0)
+    dweight = None if sum_dy_x_hat is None else sum_dy_x_hat.sum(0)
+    scale = r if w is None else r * w                          # dL/dx = scale dy, fixed statistics
+    if not needs[0]:
+        return None, dweight, dbias
+    if not plan.batch_stats:
+        return dy * scale, dweight, dbias
+    g_sum = plan.set_sum(sum_dy if w is None else sum_dy * w) / M             # mean(g)
+    g_x_hat = plan.set_sum(sum_dy_x_hat if w is None else sum_dy_x_hat * w) / M   # mean(g x_hat)
+    dx = torch.addcmul(-r * g_sum, dy, scale)                  # r (g - mean(g)) ...
+    return dx.addcmul_(x_hat, -r * g_x_hat), dweight, dbias    # ... - r x_hat mean(g x_hat)
+
+
+def _row_backward(plan, dy, x_hat, r, w):
+    """LayerNorm and RMSNorm: one set per row of the trailing K elements, parameters per element.
+    The rows' sums of g = dy gamma are matrix-vector products; no g is made full-size."""
+    K = math.prod(plan.affine_shape)
+    dy, x_hat, r = dy.reshape(-1, K), x_hat.reshape(-1, K), r.reshape(-1, 1)
+    dy_x_hat = dy * x_hat
+    dweight, dbias = dy_x_hat.sum(0), dy.sum(0)
+    w_flat = None if w is None else w.reshape(K)
+    row_sum = (lambda t: t.sum(1, keepdim=True)) if w is None else (lambda t: (t @ w_flat)[:, None])
+    dx = x_hat * (-r * row_sum(dy_x_hat) / K)                   # - r x_hat mean(g x_hat)
+    del dy_x_hat
+    if plan.centre:
+        dx.sub_(r * row_sum(dy) / K)                            # - r mean(g)
+    return dx.addcmul_(dy if w is None else dy * w_flat, r), dweight, dbias   # + r g
 
 
 def _recorded_backward(ctx, dy, input, weight, mean, r):
@@ -204,10 +308,6 @@ def _recorded_backward(ctx, dy, input, weight, mean, r):
         bias_shape, bias_dtype = ctx.bias_layout
         dbias = dy.sum_to_size(shape).reshape(bias_shape).to(bias_dtype)
     return dx, dweight, dbias, None
-
-
-def _contiguous(y, input):
-    return y.contiguous()            # torch returns instance and layer norm contiguous, always
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +348,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                var.reshape(N_C).mean(0), L, momentum)
     fixed = None if use_input_stats else (running_mean, running_var)
     plan = _Plan("instance", {}, None, eps, use_input_stats, fixed,
-                 update if use_input_stats else None, _contiguous)
+                 update if use_input_stats else None, keeps_layout=False)
     return _Normalize.apply(input, weight, bias, plan)
 
 
@@ -258,7 +358,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if input.numel() == 0:
         return _layer_norm(input, normalized_shape, weight, bias, eps)
     plan = _Plan("layer", {"normalized_ndim": len(normalized_shape)}, normalized_shape, eps,
-                 layout=_contiguous)
+                 keeps_layout=False)
     return _Normalize.apply(input, weight, bias, plan)
 
 

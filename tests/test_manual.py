@@ -272,3 +272,24 @@ def test_chan_merge_is_exact_for_any_split(sizes):
     whole = normcode.variance.moments(x, 0)
     for field in ("count", "mean", "m2"):
         torch.testing.assert_close(getattr(merged, field), getattr(whole, field), rtol=1e-13, atol=1e-13)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole parity table of tests/test_parity.py (every option, layout and dtype, training and
+# evaluation) through normcode's modules running on the hand-written backward passes.
+# --------------------------------------------------------------------------------------------
+from test_parity import CASES as PARITY_CASES  # noqa: E402  (tests/ is on the path under pytest)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: c.id)
+def test_parity_table_on_the_manual_backward(case, train):
+    swapped = {name: getattr(manual, name) for name in MANUAL_NAMES}
+    ours, theirs = case.build()
+    x = torch.randn(case.shape, generator=torch.Generator().manual_seed(0), dtype=F64) * 2 + 1
+    x = x.contiguous(memory_format=torch.channels_last) if case.layout == "channels_last" else \
+        x.contiguous(memory_format=torch.channels_last_3d) if case.layout == "channels_last_3d" else x
+    with mock.patch.multiple(normcode.functional, **swapped):
+        assert_matches_torch(ours, theirs, x, train=train, steps=3, dtype=case.dtype,
+                             rtol=case.tol.rtol, atol=case.tol.atol,
+                             grad_rtol=case.tol.grad_rtol, grad_atol=case.tol.grad_atol)
