@@ -202,8 +202,7 @@ def _exponential_update_(running_mean, running_var, mean, var, n, momentum):
     running variance estimate the population's. torch's convention: ``momentum`` is the weight
     of the new value (TensorFlow's is 1 - m). Either estimate may be None. Every layer with
     running statistics updates them here. ``momentum`` may be a 0-dim tensor (BatchNorm's
-    cumulative average, 1 / num_batches_tracked): ``torch.compile`` then reads the counter in
-    the graph instead of compiling one graph per value of it.
+    cumulative average, 1 / num_batches_tracked, never read back to Python).
     """
     unbiased_var = var * (n / (n - 1))
     with torch.no_grad():

@@ -111,8 +111,8 @@ def momentum_factor(momentum, num_batches_tracked):
     a cumulative average, 1 / (batches counted so far, this one included), as in torch.nn.
 
     The average is a 0-dim float64 tensor (torch.nn computes it as a Python float, in double
-    precision too): reading the counter as a Python number would make ``torch.compile`` break
-    the graph there, or compile a new one for every count."""
+    precision too), so the counter is never read back to Python: under ``torch.compile`` it
+    stays a tensor in the graph (tests/test_compiled.py checks that nothing recompiles)."""
     if momentum is not None:
         return momentum
     return 1.0 / num_batches_tracked.to(torch.float64)
