@@ -11,7 +11,7 @@ aside, which only refines an estimate) and the batch size does not enter.
 - :func:`spectral_norm` (Miyato et al. 2018): :math:`W / \sigma(W)`, the largest singular
   value estimated by power iteration, as ``torch.nn.utils.parametrizations.spectral_norm``:
   the same ``_u``, ``_v`` buffers, the same random start and the same iterations.
-- :func:`standardize_weight` and :class:`StdConv2d` (Qiao et al. 2019; Kolesnikov et al. 2020):
+- :func:`normcode.weight_norms.standardize_weight` and :class:`StdConv2d` (Qiao et al. 2019; Kolesnikov et al. 2020):
   each output channel's filter standardized to mean 0 and variance 1, as BiT's ``StdConv2d``.
 """
 import torch
@@ -185,7 +185,7 @@ WS_EPS = 1e-10
 
 
 def standardize_weight(weight, eps=WS_EPS):
-    r"""Each output channel's filter standardized: mean 0 and variance 1 over (C_in, *kernel).
+    r"""Each output channel's filter standardized: mean 0 and variance 1 over (C_in, kernel dims).
 
     .. math:: \hat W_{o} = \frac{W_{o} - \mathrm{E}[W_{o}]}{\sqrt{\mathrm{Var}[W_{o}] + \epsilon}}
 
@@ -193,7 +193,7 @@ def standardize_weight(weight, eps=WS_EPS):
     convention of BiT's ``StdConv2d`` (Kolesnikov et al. 2020; ``torch.var_mean(w, dim=[1, 2,
     3], unbiased=False)``). Qiao et al.'s original code divides by the unbiased standard
     deviation plus 1e-5 instead; the two differ by a factor sqrt(n / (n - 1)) in the scale.
-    The statistics are BatchNorm's: :func:`normcode.functional._moments`, over dims 1...
+    The statistics are BatchNorm's (``normcode.functional._moments``), over dims 1 and up.
     """
     dims = tuple(range(1, weight.dim()))
     mean, var = F._moments(weight, dims)
@@ -206,7 +206,7 @@ class StdConv2d(nn.Conv2d):
     Qiao et al. 2019 (Weight Standardization); the ``StdConv2d`` of BiT (Kolesnikov et al.
     2020), which pairs it with GroupNorm. Same arguments as ``torch.nn.Conv2d``, plus ``eps``
     (BiT's 1e-10 by default). The stored ``weight`` is the raw parameter; the convolution uses
-    :func:`standardize_weight` of it.
+    :func:`normcode.weight_norms.standardize_weight` of it.
     """
 
     def __init__(self, *args, eps=WS_EPS, **kwargs):
