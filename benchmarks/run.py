@@ -1,23 +1,26 @@
-"""Benchmarks: normcode against torch.nn, side by side in one run, on this machine's CPU.
+"""Benchmarks: normcode against torch.nn and torch.compile(torch.nn), side by side, on this CPU.
 
-    .venv/bin/python benchmarks/run.py            # speed, accuracy and profile tables (about 10 min)
-    .venv/bin/python benchmarks/run.py --book     # ... and the time to run every chapter and build the book
+    .venv/bin/python benchmarks/run.py            # speed, memory, accuracy, profile (make bench)
     .venv/bin/python benchmarks/run.py --write    # ... and write the figures into benchmarks/README.md
+    .venv/bin/python benchmarks/run.py --book     # ... and time nbval over every chapter and the book build
 
-What is measured (float32 inputs, threads = 2, modules in training mode):
+Per layer, at a realistic shape, float32, modules in training mode, the input requiring grad:
 
-* speed: normcode's time over torch.nn's, forward and forward+backward, for every layer at a
-  realistic shape (a ResNet stage for BN/GN/IN/LRN/SwitchNorm, a Transformer block for LN/RMS),
-  with the geometric mean per direction; torch.utils.benchmark's Timer, interleaved rounds;
-* accuracy: the max error of the float32 output against a float64 reference (torch.nn in float64 on
-  a contiguous float64 copy of the same input), on inputs of std 1 and mean 0 .. 1e6, contiguous
-  and channels_last, normcode's error over torch.nn's;
-* where the time goes: the full-size tensors each direction allocates, and torch.profiler's ops;
-* with --book: nbval over every chapter and the jupyter-book build, each timed via subprocess.
+* five implementations: torch.nn eager, torch.compile(torch.nn), normcode eager (autograd through
+  normcode.functional), normcode manual (normcode.manual's hand-written backward passes) and
+  torch.compile(normcode), each first checked against torch.nn (a fast wrong one fails the run);
+* speed: forward and forward+backward, torch.utils.benchmark, best block of interleaved rounds,
+  each as a ratio to the faster of torch.nn eager and torch.compile(torch.nn); the first
+  (compiling) call's time; compiled with fullgraph=True, so a graph break fails the run;
+* memory: the resident memory a forward keeps for its backward, and the peak of a
+  forward+backward, each beyond what was resident before (large allocations are mmap'ed for
+  this part, so that freed memory leaves the resident set);
+* accuracy: the max error of the float32 output against a float64 reference (torch.nn in float64
+  on a contiguous float64 copy) on inputs of std 1 and mean 0 .. 1e6, both layouts, as a
+  ratio to torch.nn's error;
+* where normcode eager's time goes: full-size tensors allocated, and torch.profiler's top ops.
 
-Each normcode variant ("normcode" is the package as it is; the others are the options measured
-for reaching the speed target) is first checked against torch.nn, so a fast wrong variant fails
-the run instead of winning it. Not part of the test suite: nothing here is collected by pytest.
+Not part of the test suite: nothing here is collected by pytest.
 """
 import argparse
 import contextlib
@@ -27,11 +30,12 @@ import math
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import time
-import types
 from typing import Callable, NamedTuple
+from unittest import mock
 
 import torch
 from torch.utils import benchmark
@@ -41,23 +45,22 @@ from torch.utils._pytree import tree_flatten
 import normcode
 import normcode.functional
 import normcode.manual
-import normcode.switchable
 from normcode.testing import randomize_
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import proposal  # noqa: E402  (benchmarks/proposal.py: the proposed functional.py)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "benchmarks" / "README.md"
-SPEED_TARGET = 2.0        # geometric mean of normcode / torch.nn, forward+backward
-ACCURACY_TARGET = 1.0     # normcode's max error / torch.nn's, on every stress case
+COMPILED_TARGET = 1.0       # torch.compile(normcode) over the faster torch, per layer, forward+backward
+SWITCH_TARGET = 1.5         # torch.compile(SwitchNorm2d) over the faster BatchNorm2d
+EAGER_TARGET = 4.0          # normcode manual over torch.nn eager, geometric mean, forward+backward
+ACCURACY_TARGET = 1.0       # error over torch.nn's, every stress case
 
 
 # --------------------------------------------------------------------------------------------
-# The layers, at realistic shapes
+# The layers, at the issue's shapes
 # --------------------------------------------------------------------------------------------
-RESNET = (32, 64, 56, 56)         # a ResNet stage: N, C, H, W (25.7 MB in float32)
-TRANSFORMER = (32, 512, 768)      # a Transformer block: batch, tokens, features (50 MB)
+RESNET = (16, 64, 56, 56)         # a ResNet stage: N, C, H, W (12.25 MiB in float32)
+TRANSFORMER = (16, 512, 768)      # a Transformer block: batch, tokens, features (24 MiB)
+LRN = (16, 64, 28, 28)            # AlexNet-like, for LocalResponseNorm
 
 
 class Layer(NamedTuple):
@@ -71,9 +74,9 @@ LAYERS = [
     Layer("BatchNorm2d(64)", RESNET, lambda lib: lib.BatchNorm2d(64)),
     Layer("GroupNorm(32, 64)", RESNET, lambda lib: lib.GroupNorm(32, 64)),
     Layer("InstanceNorm2d(64, affine=True)", RESNET, lambda lib: lib.InstanceNorm2d(64, affine=True)),
-    Layer("LocalResponseNorm(5)", RESNET, lambda lib: lib.LocalResponseNorm(5)),
     Layer("LayerNorm(768)", TRANSFORMER, lambda lib: lib.LayerNorm(768)),
     Layer("RMSNorm(768)", TRANSFORMER, lambda lib: lib.RMSNorm(768)),
+    Layer("LocalResponseNorm(5)", LRN, lambda lib: lib.LocalResponseNorm(5)),
 ]
 if hasattr(normcode, "SwitchNorm2d"):
     LAYERS.append(Layer("SwitchNorm2d(64)", RESNET,
@@ -94,116 +97,71 @@ def make_pair(layer):
 
 
 # --------------------------------------------------------------------------------------------
-# The normcode variants: the package as it is, and the options for speed
+# The implementations
 # --------------------------------------------------------------------------------------------
-class Variant(NamedTuple):
+MANUAL_NAMES = ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm")
+
+
+def _manual():
+    """normcode's modules computing with normcode.manual's functions."""
+    return mock.patch.multiple(normcode.functional,
+                               **{n: getattr(normcode.manual, n) for n in MANUAL_NAMES})
+
+
+class Impl(NamedTuple):
     name: str
     description: str
-    context: Callable             # () -> context manager under which the module computes
-    compiled: bool = False        # wrap the module in torch.compile
-    output_of: str = ""           # computes its output with this variant's forward (same errors)
+    torch_side: bool              # built from torch.nn's module (else normcode's)
+    compiled: bool = False
+    context: Callable = contextlib.nullcontext
 
 
-def _swapped(functional):
-    """normcode's modules (and SwitchNorm's moments) computing with ``functional``'s names."""
-    @contextlib.contextmanager
-    def context():
-        saved = normcode.switchable._moments
-        normcode.switchable._moments = getattr(functional, "_moments", saved)
-        try:
-            with proposal.swapped_in(functional):
-                yield
-        finally:
-            normcode.switchable._moments = saved
-    return context
-
-
-def _float32_proposal():
-    """The proposal computing float32 in float32: a compensated two-pass (the centred values keep
-    the first mean's rounding error subtracted, as a hi + lo pair would). The variance is the mean
-    of the squares, which torch sums by cascade in float32: its float32 vector_norm accumulates
-    less accurately (with it, BatchNorm's error at mean 0 grew about a hundredfold)."""
-    module = proposal.load("normcode._proposed_functional_float32")
-    module.COMPUTE_DTYPE[torch.float32] = torch.float32
-    centred_moments = module._centred_moments
-
-    def _centred_moments(x, dims):
-        mean, _, centred = centred_moments(x, dims)
-        return mean, (centred * centred).mean(dims, keepdim=True), centred
-    module._centred_moments = _centred_moments
-    return module
-
-
-_manual = types.SimpleNamespace(**{
-    name: getattr(normcode.manual, name, getattr(normcode.functional, name))
-    for name in ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm",
-                 "local_response_norm", "_moments")})
-
-def _proposal_variants():
-    """The proposal and its float32 twin; none once the edits no longer apply to functional.py
-    (adopted, or the file moved on: then proposal.py is to be updated or retired)."""
-    try:
-        proposed, proposed_float32 = proposal.load(), _float32_proposal()
-    except RuntimeError as e:
-        print(f"benchmarks/proposal.py skipped: {str(e).splitlines()[0]}", file=sys.stderr)
-        return []
-    return [
-        Variant("proposal", "eager with benchmarks/proposal.py's edits to functional.py (float64)",
-                _swapped(proposed)),
-        Variant("float32", "the proposal computing float32 in float32 (compensated two-pass)",
-                _swapped(proposed_float32)),
-    ]
-
-
-VARIANTS = {v.name: v for v in [
-    Variant("normcode", "the package as it is: eager, computes float32 in float64",
-            contextlib.nullcontext),
-    *_proposal_variants(),
-    Variant("manual", "eager with normcode.manual's hand-written backward passes (float64)",
-            _swapped(_manual), output_of="normcode"),
-    Variant("compiled", "torch.compile(module) of the package as it is (opt-in; float64 inside)",
-            contextlib.nullcontext, compiled=True),
+IMPLS = {i.name: i for i in [
+    Impl("torch.nn", "torch.nn eager: one fused kernel each way", True),
+    Impl("torch.compile(torch.nn)", "torch.compile of the torch.nn module (inductor)", True, True),
+    Impl("normcode", "normcode eager: autograd through normcode.functional (float64 inside)", False),
+    Impl("manual", "normcode's modules on normcode.manual's hand-written backward passes", False,
+         context=_manual),
+    Impl("torch.compile(normcode)", "torch.compile of the normcode module (inductor, float64 inside)",
+         False, True),
 ]}
-DEFAULT_VARIANTS = [n for n in ("normcode", "proposal", "float32", "compiled") if n in VARIANTS]
+TORCH_SIDE = [n for n, i in IMPLS.items() if i.torch_side]
+OURS = [n for n, i in IMPLS.items() if not i.torch_side]
 
 
-def instantiate(variant, ours):
-    """The callable that runs ``variant`` of normcode module ``ours`` (a copy of it)."""
-    module = copy.deepcopy(ours)
-    return torch.compile(module) if variant.compiled else module
+def instantiate(impl, theirs, ours):
+    module = copy.deepcopy(theirs if impl.torch_side else ours)
+    return torch.compile(module, fullgraph=True) if impl.compiled else module
 
 
-# --------------------------------------------------------------------------------------------
-# Correctness first: a fast wrong variant must fail the run
-# --------------------------------------------------------------------------------------------
-def check_against_torch(layer, variant, run, theirs, x, dy):
+def check_against_torch(layer, impl, run, theirs, x, dy):
     """Output, input gradient, parameter gradients and buffers of ``run`` against torch.nn's,
-    float32, after one training step (which also compiles a compiled variant)."""
+    float32, after one training step (which also compiles a compiled implementation)."""
     if not layer.twin:                       # nothing to compare with: one step, to compile
-        with variant.context():
+        with impl.context():
             run(x.detach().clone().requires_grad_(True)).backward(dy)
         return
     theirs = copy.deepcopy(theirs)
     xs = [x.detach().clone().requires_grad_(True) for _ in range(2)]
-    with variant.context():
+    with impl.context():
         y_ours = run(xs[0])
         y_ours.backward(dy)
     y_theirs = theirs(xs[1])
     y_theirs.backward(dy)
     tol = {"rtol": 1e-4, "atol": 1e-4}
-    torch.testing.assert_close(y_ours, y_theirs, **tol, msg=lambda m: f"{layer.name} {variant.name}: output\n{m}")
+    where = f"{layer.name} {impl.name}"
+    torch.testing.assert_close(y_ours, y_theirs, **tol, msg=lambda m: f"{where}: output\n{m}")
     torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol,
-                               msg=lambda m: f"{layer.name} {variant.name}: input gradient\n{m}")
+                               msg=lambda m: f"{where}: input gradient\n{m}")
     module = getattr(run, "_orig_mod", run)
     named = dict(theirs.named_parameters())
     for name, p in module.named_parameters():
         torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-3, atol=1e-2,
-                                   msg=lambda m: f"{layer.name} {variant.name}: gradient of {name}\n{m}")
+                                   msg=lambda m: f"{where}: gradient of {name}\n{m}")
         p.grad = None
     buffers = dict(theirs.named_buffers())
     for name, b in module.named_buffers():                  # running statistics, after one step
-        torch.testing.assert_close(b, buffers[name], **tol,
-                                   msg=lambda m: f"{layer.name} {variant.name}: buffer {name}\n{m}")
+        torch.testing.assert_close(b, buffers[name], **tol, msg=lambda m: f"{where}: buffer {name}\n{m}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,33 +169,38 @@ def check_against_torch(layer, variant, run, theirs, x, dy):
 # --------------------------------------------------------------------------------------------
 def best_time(fn, min_run_time, threads):
     """The best block mean of torch.utils.benchmark's blocked_autorange, in seconds; a call
-    slower than ``min_run_time`` is timed once, as its own block.
-
-    The machine is shared: other processes only ever add time, so the fastest block is the
-    estimate least disturbed by them."""
+    slower than ``min_run_time`` is timed once, as its own block. The machine is shared: other
+    processes only ever add time, so the fastest block is the estimate least disturbed by them."""
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     once = timer.timeit(1).times[0]
-    if once >= min_run_time:          # a slow call is its own block: no second call to time it
+    if once >= min_run_time:
         return once
     return min([once] + timer.blocked_autorange(min_run_time=min_run_time).times)
 
 
-def time_layer(layer, variants, args, log):
-    """{name: (forward s, forward+backward s)} for torch.nn and each variant, interleaved rounds."""
+def build(layer, names):
+    """{name: (callable, context)} for the implementations, each checked against torch.nn, and
+    {name: seconds of its first call} for the compiled ones."""
     theirs, ours = make_pair(layer)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(layer.shape, generator=g).requires_grad_(True)   # an activation inside a network
+    x = torch.randn(layer.shape, generator=g).requires_grad_(True)  # an activation inside a network
     dy = torch.randn(layer.shape, generator=g)
-    runs = {"torch.nn": (theirs, contextlib.nullcontext)}
-    compile_s = {}
-    for v in variants:
-        run = instantiate(v, ours)
+    runs, first_call = {}, {}
+    for name in names:
+        impl = IMPLS[name]
+        if name == "manual" and not layer.twin:
+            continue                                  # normcode.manual has no SwitchNorm
+        run = instantiate(impl, theirs, ours)
         start = time.perf_counter()
-        check_against_torch(layer, v, run, theirs, x, dy)
-        if v.compiled:
-            compile_s[v.name] = time.perf_counter() - start
-        runs[v.name] = (run, v.context)
+        check_against_torch(layer, impl, run, theirs, x, dy)
+        if impl.compiled:
+            first_call[name] = time.perf_counter() - start
+        runs[name] = (run, impl.context)
+    return runs, first_call, x, dy
 
+
+def time_layer(runs, x, dy, args):
+    """{name: (forward s, forward+backward s)}, interleaved rounds, best of each."""
     times = {name: ([], []) for name in runs}
     for _ in range(args.rounds):
         for name, (run, context) in runs.items():
@@ -245,13 +208,51 @@ def time_layer(layer, variants, args, log):
                 times[name][0].append(best_time(lambda: run(x), args.min_run_time, args.threads))
                 times[name][1].append(best_time(lambda: run(x).backward(dy), args.min_run_time,
                                                 args.threads))
-    result = {name: (min(f), min(fb)) for name, (f, fb) in times.items()}
-    log(f"  {layer.name}: " + ", ".join(f"{n} {f * 1e3:.0f}/{fb * 1e3:.0f} ms" for n, (f, fb) in result.items()))
-    return result, compile_s
+    return {name: (min(f), min(fb)) for name, (f, fb) in times.items()}
 
 
 def geomean(values):
     return math.exp(sum(map(math.log, values)) / len(values))
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+def _resident():
+    status = open("/proc/self/status").read()
+    return {k: int(re.search(k + r":\s+(\d+) kB", status).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def memory_in_subprocess(layer, names):
+    """:func:`memory` for ``layer``, in a fresh process whose allocations of 64 KiB or more are
+    each their own mmap, returned to the kernel when freed: its resident set follows the live
+    tensors (in this process glibc keeps freed memory in its heap, and reuses it unseen)."""
+    command = [sys.executable, __file__, "--memory-of", layer.name, "--impls", ",".join(names)]
+    done = subprocess.run(command, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)},
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory(runs, x, dy):
+    """{name: (bytes kept for the backward, peak bytes of forward+backward)}, beyond what was
+    resident before the forward. Kept: resident after the forward less the output; peak: the
+    kernel's high-water mark, reset before the forward (/proc/self/clear_refs)."""
+    out = {}
+    for name, (run, context) in runs.items():
+        with context():
+            run(x).backward(dy)                           # warm: nothing first-call left
+            x.grad = None
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            before = _resident()["VmRSS"]
+            y = run(x)
+            kept = _resident()["VmRSS"] - before - y.untyped_storage().nbytes()
+            y.backward(dy)
+            peak = _resident()["VmHWM"] - before
+            del y
+            x.grad = None
+        out[name] = (max(kept, 0), peak)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,18 +262,13 @@ OFFSETS = (0.0, 1e2, 1e4, 1e6)
 
 
 def layouts(shape):
-    names = ["contiguous"]
-    if len(shape) == 4:
-        names.append("channels_last")
-    return names
+    return ["contiguous", "channels_last"] if len(shape) == 4 else ["contiguous"]
 
 
-def accuracy_layer(layer, variants, log):
-    """{(layout, offset): {name: max |y - y_ref|}} for torch.nn float32 and each variant."""
-    theirs, ours = make_pair(layer)
+def accuracy_layer(layer, runs):
+    """{(layout, offset): {name: max |y - y_ref|}}, forward only, training mode."""
+    theirs, _ = make_pair(layer)
     reference = copy.deepcopy(theirs).double()
-    selected = {v.name for v in variants}
-    runs = {v.name: (instantiate(v, ours), v.context) for v in variants if v.output_of not in selected}
     g = torch.Generator().manual_seed(2)
     errors = {}
     for layout in layouts(layer.shape):
@@ -283,15 +279,11 @@ def accuracy_layer(layer, variants, log):
             x.requires_grad_(True)                   # as in the speed runs (no recompilation)
             with torch.no_grad():
                 y_ref = reference(x.detach().double().contiguous())
-            row = {"torch.nn": (theirs(x).detach().double() - y_ref).abs().max().item()}
+            row = {}
             for name, (run, context) in runs.items():
                 with context():
                     row[name] = (run(x).detach().double() - y_ref).abs().max().item()
-            for v in variants:
-                if v.output_of in selected:
-                    row[v.name] = row[v.output_of]
             errors[(layout, offset)] = row
-    log(f"  {layer.name}: done")
     return errors
 
 
@@ -302,7 +294,7 @@ def ratio(ours, theirs):
 
 
 # --------------------------------------------------------------------------------------------
-# Where the time goes
+# Where normcode eager's time goes
 # --------------------------------------------------------------------------------------------
 class FreshTensors(TorchDispatchMode):
     """Counts the full-size tensors the ops allocate (outputs in new memory, at least a quarter
@@ -326,16 +318,12 @@ class FreshTensors(TorchDispatchMode):
         return out
 
 
-def fresh_tensors(layer, variants):
+def fresh_tensors(runs, x, dy):
     """{name: ((forward count, MiB), (backward count, MiB))}, for the eager implementations."""
-    theirs, ours = make_pair(layer)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(layer.shape, generator=g).requires_grad_(True)
-    dy = torch.randn(layer.shape, generator=g)
-    runs = {"torch.nn": (theirs, contextlib.nullcontext)}
-    runs.update({v.name: (copy.deepcopy(ours), v.context) for v in variants if not v.compiled})
     result = {}
     for name, (run, context) in runs.items():
+        if IMPLS[name].compiled:
+            continue
         with context():
             forward, backward = FreshTensors(x.nbytes // 4), FreshTensors(x.nbytes // 4)
             with forward:
@@ -404,59 +392,8 @@ def ms(seconds):
     return f"{seconds * 1e3:.3g}" if seconds < 0.1 else f"{seconds * 1e3:.0f}"
 
 
-def speed_tables(speed, names):
-    """One table per direction: times in ms, each variant's ratio to torch.nn, geometric means."""
-    out = {}
-    for d, direction in enumerate(("forward", "forward+backward")):
-        rows, ratios = [], {n: [] for n in names}
-        for layer, (times, _) in speed.items():
-            base = times["torch.nn"][d]
-            row = [layer.name + ("" if layer.twin else " *"), "x".join(map(str, layer.shape)), ms(base)]
-            for n in names:
-                r = times[n][d] / base
-                row.append(f"{ms(times[n][d])} ({r:.2f}x)")
-                if layer.twin:
-                    ratios[n].append(r)
-            rows.append(row)
-        rows.append(["**geometric mean**", "", ""] + [f"**{geomean(ratios[n]):.2f}x**" for n in names])
-        out[direction] = (table(["layer", "shape", "torch.nn ms"] + [f"{n} ms (ratio)" for n in names],
-                                rows), {n: geomean(ratios[n]) for n in names})
-    return out
-
-
-def accuracy_table(accuracy, names):
-    rows, worst = [], {n: (0.0, None) for n in names}
-    for layer, errors in accuracy.items():
-        for (layout, offset), row in errors.items():
-            cells = [layer.name, layout, f"{offset:g}", f"{row['torch.nn']:.2g}"]
-            for n in names:
-                r = ratio(row[n], row["torch.nn"])
-                cells.append(f"{row[n]:.2g} ({r:.2f})")
-                if r > worst[n][0]:
-                    worst[n] = (r, f"{layer.name}, {layout}, mean {offset:g}")
-            rows.append(cells)
-    header = ["layer", "layout", "mean", "torch.nn error"] + [f"{n} error (ratio)" for n in names]
-    return table(header, rows), worst
-
-
-def fresh_table(fresh, names):
-    rows = []
-    for layer, result in fresh.items():
-        row = [layer.name]
-        for n in ["torch.nn"] + names:
-            if n in result:
-                (fc, fm), (bc, bm) = result[n]
-                row.append(f"{fc} / {bc} ({fm + bm:.0f} MiB)")
-            else:
-                row.append("n/a")
-        rows.append(row)
-    return table(["layer"] + [f"{n}: fwd / bwd (total)" for n in ["torch.nn"] + names], rows)
-
-
-def profile_table(profiles):
-    rows = [[layer.name, ", ".join(f"{op} x{count} {share:.0%}" for op, count, share in ops)]
-            for layer, ops in profiles.items()]
-    return table(["layer", "normcode's forward+backward: op x calls, share of self CPU time"], rows)
+def mib(nbytes):
+    return f"{nbytes / 2**20:.1f}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,59 +407,29 @@ def machine():
             f"torch {torch.__version__}, Python {platform.python_version()}; {date}")
 
 
-ALLOCATORS = {
-    "torch's huge pages (THP_MEM_ALLOC_ENABLE=1)": {"THP_MEM_ALLOC_ENABLE": "1"},
-    "glibc keeps freed memory (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=1e11)": {
-        "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"},
-}
-
-
-def time_allocators(args, log):
-    """The speed geometric means again, in subprocesses whose allocator reuses memory, so that a
-    new large tensor is no longer a page fault per 4 KiB: how much of the eager cost is that."""
-    rows = []
-    for label, env in ALLOCATORS.items():
-        log(f"  {label}")
-        command = [sys.executable, __file__, "--json", "--no-accuracy", "--no-profile",
-                   "--variants", args.allocator_variants, "--rounds", str(args.rounds),
-                   "--min-run-time", str(args.min_run_time), "--threads", str(args.threads)]
-        if args.layers:
-            command += ["--layers", args.layers]
-        done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True,
-                              check=True)
-        means = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append([label] + [f"{means[n][0]:.2f}x / {means[n][1]:.2f}x"
-                               for n in args.allocator_variants.split(",")])
-    return rows
-
-
 def main():
-    parser = argparse.ArgumentParser(description="normcode against torch.nn: speed and accuracy")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated, from {', '.join(VARIANTS)}, or all "
-                             "(default: all but manual)")
+    parser = argparse.ArgumentParser(description="normcode against torch.nn: speed, memory, accuracy")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
     parser.add_argument("--layers", default="", help="comma-separated name prefixes (default: all)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed block")
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
-    parser.add_argument("--allocators", action="store_true",
-                        help="also time the eager variants under allocators that reuse memory")
-    parser.add_argument("--allocator-variants",
-                        default=",".join(n for n in DEFAULT_VARIANTS if not VARIANTS[n].compiled))
     parser.add_argument("--book", action="store_true",
                         help="also time nbval over every chapter and the book build")
     parser.add_argument("--write", action="store_true", help="write the figures into benchmarks/README.md")
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # for --allocators
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)    # one layer's memory, as JSON
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     _ = torch.manual_seed(0)
-    if args.variants == "all":
-        args.variants = ",".join(VARIANTS)
-    variants = [VARIANTS[n] for n in args.variants.split(",") if n]
-    names = [v.name for v in variants]
+    names = [n for n in args.impls.split(",") if n]
+    if args.memory_of:
+        layer = next(l for l in LAYERS if l.name == args.memory_of)
+        runs, _, x, dy = build(layer, names)
+        print(json.dumps(memory(runs, x, dy)))
+        return
     layers = [l for l in LAYERS if not args.layers or any(l.name.startswith(p) for p in args.layers.split(","))]
     log = lambda message: print(message, file=sys.stderr, flush=True)
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -530,69 +437,143 @@ def main():
               f"{load_before[0]:.1f}. Command: `benchmarks/run.py {' '.join(sys.argv[1:])}`.")
 
     log("speed")
-    speed = {layer: time_layer(layer, variants, args, log) for layer in layers}
-    tables = speed_tables(speed, names)
-    means = {n: (tables["forward"][1][n], tables["forward+backward"][1][n]) for n in names}
-    if args.json:
-        print(json.dumps(means))
-        return
-    compile_s = {layer.name: c for layer, (_, c) in speed.items() if c}
-    summary = [[n, VARIANTS[n].description, f"{f:.2f}x", f"{fb:.2f}x",
-                "met" if fb <= SPEED_TARGET else "missed"] for n, (f, fb) in means.items()]
+    built, speed, first_calls = {}, {}, {}
+    for layer in layers:
+        runs, first_calls[layer], x, dy = build(layer, names)
+        built[layer] = (runs, x, dy)
+        speed[layer] = time_layer(runs, x, dy, args)
+        log(f"  {layer.name}: " + ", ".join(f"{n} {f * 1e3:.1f}/{fb * 1e3:.1f} ms"
+                                             for n, (f, fb) in speed[layer].items()))
+    log("memory")
+    mem = {layer: memory_in_subprocess(layer, names) for layer in layers}
+
     sections = [header]
-    verdict = [f"- Speed target (forward+backward geometric mean <= {SPEED_TARGET}) met by: "
-               + (", ".join(n for n in names if means[n][1] <= SPEED_TARGET) or "none") + "."]
-    sections.append("## Speed\n\nTime of normcode over torch.nn's, float32, best of "
-                    f"{args.rounds} interleaved rounds (each a torch.utils.benchmark block, or one "
-                    "call when a call is slower than the block). Target: forward+backward geometric "
-                    f"mean <= {SPEED_TARGET}.\n\n"
-                    + table(["variant", "what", "forward", "forward+backward", "target"], summary))
-    for direction, (text, _) in tables.items():
-        sections.append(f"### {direction.capitalize()}\n\n{text}")
-    if any(not l.twin for l in layers):
-        sections.append("\\* no torch.nn twin: timed against torch.nn.BatchNorm2d, and left out of "
-                        "the geometric means.")
-    if compile_s:
-        sections.append("torch.compile's first call (seconds; compilation, shorter when inductor's "
-                        "on-disk cache is warm): " + ", ".join(
-                            f"{layer} {c['compiled']:.0f}" for layer, c in compile_s.items()) + ".")
+    verdict = []
+    # Speed: one table per direction, ratios to the faster torch.
+    twins = [l for l in layers if l.twin]
+    ours = [n for n in names if n in OURS]
+    means = {}
+    for d, direction in enumerate(("forward+backward", "forward")):
+        rows, ratios = [], {n: [] for n in ours}
+        for layer in layers:
+            times = speed[layer]
+            torch_times = [times[n][d] for n in TORCH_SIDE if n in times]
+            best = min(torch_times)
+            row = [layer.name + ("" if layer.twin else " *"), "x".join(map(str, layer.shape))]
+            row += [ms(times[n][d]) if n in times else "-" for n in TORCH_SIDE if n in names]
+            for n in ours:
+                if n not in times:
+                    row.append("-")
+                    continue
+                r = times[n][d] / best
+                row.append(f"{ms(times[n][d])} ({r:.2f}x)")
+                if layer.twin:
+                    ratios[n].append(r)
+            rows.append(row)
+        if twins:
+            rows.append(["**geometric mean**", ""] + [""] * len([n for n in TORCH_SIDE if n in names])
+                        + [f"**{geomean(ratios[n]):.2f}x**" if ratios[n] else "-" for n in ours])
+        means[direction] = {n: geomean(ratios[n]) for n in ours if ratios[n]}
+        header_row = ["layer", "shape"] + [f"{n} ms" for n in TORCH_SIDE if n in names] + \
+                     [f"{n} ms (x the faster torch)" for n in ours]
+        sections.append(f"### {direction.capitalize()}\n\n" + table(header_row, rows))
+    # Eager goal: manual over torch.nn eager.
+    if "manual" in names and "torch.nn" in names and twins:
+        eager_ratios = {n: geomean([speed[l][n][1] / speed[l]["torch.nn"][1] for l in twins])
+                        for n in ("normcode", "manual") if n in names}
+        verdict.append("- Eager (normcode manual within " + f"{EAGER_TARGET:g}x of torch.nn eager, "
+                       "forward+backward geometric mean): " + ", ".join(
+                           f"{n} {r:.2f}x" for n, r in eager_ratios.items())
+                       + (" - met" if eager_ratios.get("manual", math.inf) <= EAGER_TARGET else " - missed") + ".")
+    if "torch.compile(normcode)" in names:
+        missed = []
+        for layer in layers:
+            times = speed[layer]
+            best = min(times[n][1] for n in TORCH_SIDE if n in times)
+            r = times["torch.compile(normcode)"][1] / best
+            target = COMPILED_TARGET if layer.twin else SWITCH_TARGET
+            if r > target:
+                missed.append(f"{layer.name} {r:.2f}x (target {target:g}x)")
+        verdict.append("- Compiled (torch.compile(normcode) at most as slow as the faster torch, "
+                       "per layer, forward+backward; SwitchNorm2d within 1.5x of BatchNorm2d): "
+                       + ("met on every layer" if not missed else "missed on " + ", ".join(missed)) + ".")
+    sections.append("\\* no torch.nn twin: timed against torch.nn.BatchNorm2d, and left out of the "
+                    "geometric means." if any(not l.twin for l in layers) else "")
+    rows = [[layer.name] + [f"{first_calls[layer][n]:.1f}" for n in names if IMPLS[n].compiled and n in first_calls[layer]]
+            for layer in layers]
+    sections.append("First call of the compiled modules, seconds (tracing and compilation; "
+                    "inductor's on-disk cache shortens a second run):\n\n"
+                    + table(["layer"] + [n for n in names if IMPLS[n].compiled], rows))
+    # Memory.
+    rows = []
+    kept_miss = []
+    for layer in layers:
+        row = [layer.name]
+        for n in names:
+            if n in mem[layer]:
+                kept, peak = mem[layer][n]
+                row.append(f"{mib(kept)} / {mib(peak)}")
+            else:
+                row.append("-")
+        rows.append(row)
+        if layer.twin and "manual" in mem[layer] and "torch.nn" in mem[layer]:
+            if mem[layer]["manual"][0] > mem[layer]["torch.nn"][0] + 2**20:
+                kept_miss.append(layer.name)
+    if "manual" in names:
+        verdict.append("- Memory kept for backward, normcode manual <= torch.nn (within 1 MiB): "
+                       + ("met on every layer with a manual backward" if not kept_miss
+                          else "missed on " + ", ".join(kept_miss)) + ".")
+    sections.append("## Memory\n\nMiB kept for the backward / peak of forward+backward, beyond what "
+                    "was resident before the forward (the input is resident already; the "
+                    "output counts in the peak). LocalResponseNorm and SwitchNorm2d have no "
+                    "hand-written backward: their manual column is normcode eager.\n\n"
+                    + table(["layer"] + names, rows))
 
     if not args.no_accuracy:
         log("accuracy")
-        accuracy = {layer: accuracy_layer(layer, variants, log) for layer in layers if layer.twin}
-        text, worst = accuracy_table(accuracy, names)
-        status = [[n, f"{worst[n][0]:.2f}", worst[n][1] or "-",
-                   "met" if worst[n][0] <= ACCURACY_TARGET else "missed"] for n in names]
-        verdict.append(f"- Accuracy target (error ratio <= {ACCURACY_TARGET} on every case) met by: "
-                       + (", ".join(n for n in names if worst[n][0] <= ACCURACY_TARGET) or "none") + ".")
-        same = [f"{v.name}'s forward is {v.output_of}'s, so are its errors"
-                for v in variants if v.output_of in names]
+        accuracy = {layer: accuracy_layer(layer, built[layer][0]) for layer in twins}
+        rows, worst = [], {n: (0.0, "-") for n in names if n != "torch.nn"}
+        for layer, errors in accuracy.items():
+            for (layout, offset), row in errors.items():
+                cells = [layer.name, layout, f"{offset:g}", f"{row['torch.nn']:.2g}"]
+                for n in worst:
+                    r = ratio(row[n], row["torch.nn"])
+                    cells.append(f"{row[n]:.2g} ({r:.2f})")
+                    if r > worst[n][0]:
+                        worst[n] = (r, f"{layer.name}, {layout}, mean {offset:g}")
+                rows.append(cells)
+        verdict.append(f"- Accuracy (error <= torch.nn's on every case): " + ", ".join(
+            f"{n} worst {w:.2f} ({'met' if w <= ACCURACY_TARGET else 'missed'})"
+            for n, (w, _) in worst.items() if n in OURS) + ".")
         sections.append("## Accuracy\n\nMax error of the float32 output against a float64 reference "
                         "(torch.nn in float64 on a contiguous float64 copy of the input); input std 1, "
-                        "mean as given. Ratio: the variant's error over torch.nn's. Target: ratio "
-                        f"<= {ACCURACY_TARGET} on every case"
-                        + "".join(f"; {line}" for line in same) + ".\n\n"
-                        + table(["variant", "worst ratio", "where", "target"], status) + "\n\n" + text)
+                        "mean as given; (ratio to torch.nn's error).\n\n"
+                        + table(["implementation", "worst ratio", "where"],
+                                [[n, f"{w:.2f}", where] for n, (w, where) in worst.items()]) + "\n\n"
+                        + table(["layer", "layout", "mean", "torch.nn error"]
+                                + [f"{n} error" for n in worst], rows))
 
     if not args.no_profile:
         log("profile")
-        fresh = {layer: fresh_tensors(layer, variants) for layer in layers}
-        profiles = {layer: op_profile(layer, 5) for layer in layers}
-        sections.append("## Where the time goes\n\nFull-size tensors allocated (outputs in new "
-                        "memory of at least a quarter of the input's size), forward / backward, and "
-                        "their total size. Compiled code allocates outside the dispatcher and is not "
-                        "counted.\n\n" + fresh_table(fresh, [n for n in names if not VARIANTS[n].compiled])
-                        + "\n\n" + profile_table(profiles))
-
-    if args.allocators:
-        log("allocators")
-        rows = [["default (this run)"] + [f"{means[n][0]:.2f}x / {means[n][1]:.2f}x"
-                                          for n in args.allocator_variants.split(",")]]
-        rows += time_allocators(args, log)
-        sections.append("## The same code, another allocator\n\nGeometric means, forward / "
-                        "forward+backward, of the variants over torch.nn (timed under the same "
-                        "allocator), when freed memory is reused instead of returned to the kernel.\n\n"
-                        + table(["allocator"] + args.allocator_variants.split(","), rows))
+        rows = []
+        for layer in layers:
+            fresh = fresh_tensors(*built[layer])
+            row = [layer.name]
+            for n in [n for n in names if not IMPLS[n].compiled]:
+                if n in fresh:
+                    (fc, fm), (bc, bm) = fresh[n]
+                    row.append(f"{fc} / {bc} ({fm + bm:.0f} MiB)")
+                else:
+                    row.append("-")
+            rows.append(row)
+        profiles = [[layer.name, ", ".join(f"{op} x{count} {share:.0%}" for op, count, share in op_profile(layer, 5))]
+                    for layer in layers]
+        sections.append("## Where the time goes\n\nFull-size tensors allocated by the eager "
+                        "implementations (outputs in new memory of at least a quarter of the input's "
+                        "size), forward / backward, and their total size:\n\n"
+                        + table(["layer"] + [n for n in names if not IMPLS[n].compiled], rows)
+                        + "\n\n" + table(["layer", "normcode eager forward+backward: op x calls, "
+                                           "share of self CPU time"], profiles))
 
     if args.book:
         log("book")
@@ -601,12 +582,15 @@ def main():
         sections.append("## The book\n\n" + table(["command", "notebooks", "seconds", "result"], rows))
 
     load_after = os.getloadavg()
-    sections.insert(1, "## Verdict\n\n" + "\n".join(verdict))
+    sections.insert(1, "## Verdict\n\n" + "\n".join(verdict) + "\n\n## Speed\n\nForward+backward and "
+                    f"forward, float32, best of {args.rounds} interleaved rounds; each normcode time "
+                    "as a ratio to the faster of torch.nn eager and torch.compile(torch.nn). Compiled "
+                    "with fullgraph=True: a graph break would have failed the run.")
     sections.append(f"Run time: {time.perf_counter() - started:.0f} s. Load average after the run: "
                     f"{load_after[0]:.1f} (on {os.cpu_count()} cores, a load above "
                     f"{os.cpu_count()} means other processes shared them: every time above is "
                     "inflated then, torch.nn's too).")
-    report = "\n\n".join(sections)
+    report = "\n\n".join(x for x in sections if x)
     print(report)
     if args.write:
         write_readme(report)
