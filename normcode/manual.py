@@ -155,39 +155,49 @@ class _Normalize(torch.autograd.Function):
                 torch.mul(input - mean, scale, out=y) if b is None else \
                     torch.addcmul(b, input - mean, scale, out=y)
         elif not plan.centre:                         # RMSNorm: x r gamma
-            x = input.to(compute)
-            r = _inverse_std((x * x).sum(dims, keepdim=True) / count, plan.eps, plan.name)
             mean = None
-            torch.mul(x.mul_(r) if x is not input else x * r, 1 if w is None else w, out=y)
+            (sum_squares,) = _blockwise(view, dims, lambda block, rows: (
+                torch.linalg.vector_norm(block.to(compute), 2, dims, keepdim=True).square(),))
+            r = _inverse_std(sum_squares / count, plan.eps, plan.name)
+            for rows in _blocks(input):
+                scaled = torch.mul(input[rows], r[_rows_of(r, rows)])
+                torch.mul(scaled, 1 if w is None else w[_rows_of(w, rows, input.dim())], out=y[rows])
         else:
             shift = F._shift(view, dims).to(compute)
-            d = torch.sub(view, shift).to(compute)               # exact when computed wider
-            sum_d = d.sum(dims, keepdim=True)
+            wider = compute != input.dtype
+            sum_d, sum_d2 = _blockwise(view, dims, lambda block, rows: _shifted_block_sums(
+                block, shift[_rows_of(shift, rows)], dims))
             mean_d = sum_d / count
-            if compute != input.dtype:                # exact terms: one pass (F._shifted_sums)
-                m2 = (torch.linalg.vector_norm(d, 2, dims, keepdim=True).square()
-                      - mean_d * sum_d).clamp_min(0)
-            else:
-                m2 = ((d - mean_d) ** 2).sum(dims, keepdim=True)
+            if wider:                                 # exact terms: one pass (F._shifted_sums)
+                m2 = (sum_d2 - mean_d * sum_d).clamp_min(0)
+            else:                                     # same width: a second pass
+                (m2,) = _blockwise(view, dims, lambda block, rows: ((
+                    (block - shift[_rows_of(shift, rows)] - mean_d[_rows_of(mean_d, rows)]) ** 2
+                ).sum(dims, keepdim=True),))
             var = m2 / count
             mean = shift + mean_d
             if plan.update is not None:
                 plan.update(mean, var, count)
             r = _inverse_std(var, plan.eps, plan.name, constant_is_zero=plan.norm == "instance")
-            d = d.reshape(input.shape)
-            r_c, mean_d_c = plan.per_channel(r, input), plan.per_channel(mean_d, input)
-            if plan.affine_shape is None:             # per-channel affine: one multiply-add
+            r_c, shift_c, mean_d_c = (plan.per_channel(t, input) for t in (r, shift, mean_d))
+            if plan.affine_shape is None and wider:   # per-channel affine: one multiply-add
+                # y = x (r gamma) + (beta - mean r gamma): computed wide, rounded once into y.
                 scale = r_c if w is None else r_c * w
-                offset = -mean_d_c * scale if b is None else b - mean_d_c * scale
-                torch.addcmul(offset, d, scale, out=y)
-            else:                                     # per-element affine (LayerNorm)
-                x_hat = d.sub_(mean_d_c).mul_(r_c)
-                if w is None:
-                    y.copy_(x_hat if b is None else x_hat + b)
-                elif b is None:
-                    torch.mul(x_hat, w, out=y)
-                else:
-                    torch.addcmul(b, x_hat, w, out=y)
+                offset = -(shift_c + mean_d_c) * scale
+                torch.addcmul(offset if b is None else offset + b, input, scale, out=y)
+            else:                                     # per-element affine, or same width
+                for rows in _blocks(input):
+                    x_hat = torch.sub(input[rows], shift_c[_rows_of(shift_c, rows)])
+                    x_hat.sub_(mean_d_c[_rows_of(mean_d_c, rows)]).mul_(r_c[_rows_of(r_c, rows)])
+                    out = y[rows]
+                    w_rows = None if w is None else w[_rows_of(w, rows, input.dim())]
+                    b_rows = None if b is None else b[_rows_of(b, rows, input.dim())]
+                    if w is None:
+                        out.copy_(x_hat if b is None else x_hat + b_rows)
+                    elif b is None:
+                        torch.mul(x_hat, w_rows, out=out)
+                    else:
+                        torch.addcmul(b_rows, x_hat, w_rows, out=out)
         ctx.save_for_backward(input, weight, mean, r)      # the input, and two numbers per set
         ctx.plan, ctx.count = plan, count
         ctx.bias_layout = None if bias is None else (bias.shape, bias.dtype)   # bias itself not needed
@@ -225,6 +235,46 @@ class _Normalize(torch.autograd.Function):
             bias_shape, bias_dtype = ctx.bias_layout
             dbias = dbias.reshape(bias_shape).to(bias_dtype)
         return dx, dweight, dbias, None
+
+
+#: About how many elements one block of the forward holds (1 MiB of float64).
+BLOCK_ELEMENTS = 1 << 17
+
+
+def _blocks(t):
+    """Slices of ``t``'s first dim holding about ``elements`` elements each (at least one row).
+
+    The forward computes wide (float64 for float32 on the CPU) one block at a time: a
+    full-size float64 temporary of a Transformer block is 48 MiB, above glibc's largest mmap
+    threshold, so each one would be fresh pages from the kernel, faulted in one by one (the
+    time of several passes over the data). A block's temporaries are small and reused."""
+    n = t.shape[0] if t.dim() else 1
+    step = max(1, BLOCK_ELEMENTS // max(1, t[:1].numel()))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _rows_of(t, rows, ndim=None):
+    """The slice of ``t`` (a statistic, or a parameter broadcasting on an input of ``ndim``
+    dims) that goes with ``rows`` of the input: all of it when it does not vary along the
+    input's first dim (BatchNorm's (1, C, 1, ...), LayerNorm's weight over the last dims)."""
+    if t is None or (ndim is not None and t.dim() < ndim) or t.shape[0] == 1:
+        return slice(None)
+    return rows
+
+
+def _blockwise(view, dims, sums):
+    """``sums(block, rows)`` (a tuple of sums over ``dims``, kept) over blocks of ``view``'s
+    first dim, combined: added when the first dim is reduced, stacked along it otherwise."""
+    parts = [sums(view[rows], rows) for rows in _blocks(view)]
+    if 0 in dims:
+        return tuple(sum(p[i] for p in parts) for i in range(len(parts[0])))
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
+
+
+def _shifted_block_sums(block, shift, dims):
+    """Sums of d = block - shift and of d * d over ``dims``; d computed in ``shift``'s dtype."""
+    d = torch.sub(block, shift)
+    return d.sum(dims, keepdim=True), torch.linalg.vector_norm(d, 2, dims, keepdim=True).square()
 
 
 def _x_hat(input, mean, r, dtype):

@@ -281,9 +281,13 @@ def test_chan_merge_is_exact_for_any_split(sizes):
 from test_parity import CASES as PARITY_CASES  # noqa: E402  (tests/ is on the path under pytest)
 
 
+@pytest.mark.parametrize("block", [manual.BLOCK_ELEMENTS, 7], ids=["one block", "blocks of 7"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: c.id)
-def test_parity_table_on_the_manual_backward(case, train):
+def test_parity_table_on_the_manual_backward(case, train, block, monkeypatch):
+    """With blocks of about 7 elements the forward's blockwise sums and outputs are exercised
+    on every shape (a row is at least one block)."""
+    monkeypatch.setattr(manual, "BLOCK_ELEMENTS", block)
     swapped = {name: getattr(manual, name) for name in MANUAL_NAMES}
     ours, theirs = case.build()
     x = torch.randn(case.shape, generator=torch.Generator().manual_seed(0), dtype=F64) * 2 + 1
