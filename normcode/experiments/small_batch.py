@@ -187,11 +187,12 @@ def largest_singular_value(weight):
 
 def conditioning(model, data, *, batch_size, lr, steps, seed=0):
     """What Salimans & Kingma (2016) argue weight normalization does: for ``steps`` steps of
-    SGD, record per step the loss and, per linear layer, the norm of the weight and of its
-    gradient. Returns ``{"loss": [...], "weight_norm": [[...]], "grad_norm": [[...]]}``
-    (lists per step, one entry per layer)."""
+    SGD, record per step the loss and, per linear layer, the norm of the weight, of the free
+    weight the optimizer updates (v for weight norm, the weight otherwise) and of the free
+    weight's gradient. Returns ``{"loss": [...], "weight_norm": [[...]], "free_norm":
+    [[...]], "grad_norm": [[...]]}`` (lists per step, one entry per layer)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    out = {"loss": [], "weight_norm": [], "grad_norm": []}
+    out = {"loss": [], "weight_norm": [], "free_norm": [], "grad_norm": []}
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -200,21 +201,28 @@ def conditioning(model, data, *, batch_size, lr, steps, seed=0):
         loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
         opt.zero_grad()
         loss.backward()
-        out["loss"].append(float(loss))
+        out["loss"].append(loss.item())
         out["weight_norm"].append([float(m.weight.detach().norm()) for m in linears])
+        out["free_norm"].append([float(_free(m).detach().norm()) for m in linears])
         out["grad_norm"].append([math.nan if _grad(m) is None else float(_grad(m).norm())
                                  for m in linears])
         opt.step()
     return out
 
 
-def _grad(linear):
-    """The gradient of the layer's free weight: v for weight norm, the weight otherwise."""
+def _free(linear):
+    """The layer's free weight, the parameter SGD updates: v for weight norm, the weight
+    otherwise."""
     p = getattr(linear, "parametrizations", None)
     if p is not None and "weight" in p:
         originals = [t for n, t in p.weight.named_parameters() if n.startswith("original")]
-        return originals[-1].grad                    # original1 is v, original the raw weight
-    return linear.weight.grad
+        return originals[-1]                         # original1 is v, original the raw weight
+    return linear.weight
+
+
+def _grad(linear):
+    """The gradient of the layer's free weight: v for weight norm, the weight otherwise."""
+    return _free(linear).grad
 
 
 def correction_trace(model):
