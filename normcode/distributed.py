@@ -3,8 +3,10 @@ r"""SyncBatchNorm: batch normalization whose statistics span every process of a 
 Data parallel training splits a batch across processes (one per GPU, usually). Plain BatchNorm
 then normalizes each shard with its own statistics; SyncBatchNorm normalizes every shard with
 the statistics of the whole, concatenated batch, and back-propagates through them.
-``torch.nn.SyncBatchNorm`` trains only on GPUs; this one runs wherever ``torch.distributed``
-does (gloo on CPU, nccl on GPUs), with the same code.
+``torch.nn.SyncBatchNorm`` synchronizes only accelerator tensors (CUDA, XPU, HPU or a
+PrivateUse1 device; on a CPU tensor in a process group it raises ValueError, and its statistics
+kernels have no CPU implementation); this one runs wherever ``torch.distributed`` does (gloo on
+CPU, nccl on GPUs), with the same code.
 
 Per training step and layer, three collectives over the process group:
 
