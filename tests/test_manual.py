@@ -278,13 +278,15 @@ def test_chan_merge_is_exact_for_any_split(sizes):
 # The whole parity table of tests/test_parity.py (every option, layout and dtype, training and
 # evaluation) through normcode's modules running on the hand-written backward passes.
 # --------------------------------------------------------------------------------------------
-from test_parity import CASES as PARITY_CASES  # noqa: E402  (tests/ is on the path under pytest)
+from conftest import DEVICES  # noqa: E402  (tests/ is on the path under pytest)
+from test_parity import CASES as PARITY_CASES  # noqa: E402
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block", [manual.BLOCK_ELEMENTS, 7], ids=["one block", "blocks of 7"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: c.id)
-def test_parity_table_on_the_manual_backward(case, train, block, monkeypatch):
+def test_parity_table_on_the_manual_backward(case, train, block, device, monkeypatch):
     """With blocks of about 7 elements the forward's blockwise sums and outputs are exercised
     on every shape (a row is at least one block)."""
     monkeypatch.setattr(manual, "BLOCK_ELEMENTS", block)
@@ -294,6 +296,7 @@ def test_parity_table_on_the_manual_backward(case, train, block, monkeypatch):
     x = x.contiguous(memory_format=torch.channels_last) if case.layout == "channels_last" else \
         x.contiguous(memory_format=torch.channels_last_3d) if case.layout == "channels_last_3d" else x
     with mock.patch.multiple(normcode.functional, **swapped):
-        assert_matches_torch(ours, theirs, x, train=train, steps=3, dtype=case.dtype,
+        assert_matches_torch(ours.to(device), theirs.to(device), x.to(device), train=train,
+                             steps=3, dtype=case.dtype,
                              rtol=case.tol.rtol, atol=case.tol.atol,
                              grad_rtol=case.tol.grad_rtol, grad_atol=case.tol.grad_atol)
