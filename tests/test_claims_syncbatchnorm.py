@@ -56,6 +56,15 @@ def test_collective_count_in_torch_source():
     assert FUNCTION_BACKWARD.count("all_gather") == 0
 
 
+def test_device_is_checked_before_the_world_size():
+    """The chapter: the module raises for a CPU tensor even in a group of one, because it
+    tests the device before it asks for the group's size."""
+    source = _squash(MODULE_FORWARD)
+    device_check = source.index('"cuda", "hpu", "xpu"')
+    world_size = source.index("world_size = torch.distributed.get_world_size(process_group)")
+    assert device_check < world_size
+
+
 def test_the_only_world_size_check_is_unreachable():
     """The module calls the autograd function only when world_size > 1, so the function's
     'more than 1 value per channel' check (world_size < 2) never fires on that path."""
