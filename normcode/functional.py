@@ -32,7 +32,7 @@ COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
 #: The same on CUDA (and any other accelerator): float32 is computed in float32. float64 runs at
 #: 1/32 to 1/64 of the float32 rate on consumer GPUs, so widening would make normcode unusable
 #: there; torch's CUDA kernels accumulate in float32 too. What keeps normcode's error at or below
-#: theirs is the formulation (:func:`_centred_moments`): centred values that are exact, a mean
+#: theirs is the formulation (``_centred_moments``): centred values that are exact, a mean
 #: held as a shift plus a small remainder, and two passes.
 ACCELERATOR_COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
                              torch.float32: torch.float32, torch.float64: torch.float64}

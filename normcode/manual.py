@@ -21,7 +21,7 @@ RMSNorm is the same without the centring: drop :math:`\overline{g}` and :math:`\
 What the backward keeps is the input (in its own dtype) and, per statistics set, the mean and
 ``r``; autograd through :mod:`normcode.functional` keeps several full-size intermediates in the
 computation dtype. The statistics are computed once, in the forward, by the functional's own
-:func:`normcode.functional._shifted_sums` (one pass over the input on the CPU); the backward
+``normcode.functional._shifted_sums`` (one pass over the input on the CPU); the backward
 recomputes :math:`\hat{x}` from the saved input and takes two sums per set. It runs in place
 on its own temporaries; when autograd records it (``create_graph=True``, double backward) it
 is written in differentiable torch operations instead, so that it has a derivative of its own.
@@ -123,7 +123,7 @@ def _output(input, plan):
 class _Normalize(torch.autograd.Function):
     """y = (x - mean) r gamma + beta over a statistics set, with a hand-written backward.
 
-    forward: the statistics once (:meth:`_Plan.statistics`), then the output in the fewest
+    forward: the statistics once (the shifted sums, block by block), then the output in the fewest
     elementwise passes: with per-channel parameters, y = d (r gamma) + (beta - mean_d r gamma)
     is one multiply-add of the shifted input d, computed wide and rounded once into the output.
     It saves the input in its own dtype, gamma, and per set the mean and r.
