@@ -87,9 +87,10 @@ def _shifted_sums(x, dims, count, where, exact_terms):
 
     shift = _shift(x, dims) if where is None else x.new_zeros(())
     d = x - shift
-    mean_d = total(d) / count
+    sum_d = total(d)
+    mean_d = sum_d / count
     if exact_terms and where is None:
-        m2 = (total(d * d) - mean_d * total(d)).clamp_min(0)   # rounding only: never below 0
+        m2 = (total(d * d) - mean_d * sum_d).clamp_min(0)       # rounding only: never below 0
     else:
         centred = d - mean_d
         m2 = total(centred * centred)
