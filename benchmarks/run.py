@@ -99,7 +99,8 @@ def make_pair(layer):
 # --------------------------------------------------------------------------------------------
 # The implementations
 # --------------------------------------------------------------------------------------------
-MANUAL_NAMES = ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm")
+MANUAL_NAMES = ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm",
+                "local_response_norm")
 
 
 def _manual():
@@ -530,8 +531,7 @@ def main():
                           else "missed on " + ", ".join(kept_miss)) + ".")
     sections.append("## Memory\n\nMiB kept for the backward / peak of forward+backward, beyond what "
                     "was resident before the forward (the input is resident already; the "
-                    "output counts in the peak). LocalResponseNorm and SwitchNorm2d have no "
-                    "hand-written backward: their manual column is normcode eager.\n\n"
+                    "output counts in the peak). SwitchNorm2d has no hand-written backward.\n\n"
                     + table(["layer"] + names, rows))
 
     if not args.no_accuracy:

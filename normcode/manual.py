@@ -40,10 +40,11 @@ from .functional import (_channel_shape, _compute_dtype, _inverse_std, _moments,
 # bound here so that normcode.functional's names may be swapped for this module's.
 from .functional import batch_norm as _batch_norm, group_norm as _group_norm
 from .functional import instance_norm as _instance_norm, layer_norm as _layer_norm
+from .functional import local_response_norm as _local_response_norm
 from .functional import rms_norm as _rms_norm
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm",
-           "standardize_backward", "saved_bytes"]
+           "local_response_norm", "standardize_backward", "saved_bytes"]
 
 
 def standardize_backward(g, x_hat, r, dims, centre=True):
@@ -429,6 +430,61 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     plan = _Plan("rms", {"normalized_ndim": len(normalized_shape)}, normalized_shape,
                  _rms_eps(eps, input))
     return _Normalize.apply(input, weight, None, plan)
+
+
+def _window_sum(t, before, after):
+    """Over dim 1 (channels): the sum of t over c - before .. c + after, zeros beyond the edges."""
+    C = t.shape[1]
+    padded = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (before, after))
+    total = padded.narrow(1, 0, C).clone()
+    for offset in range(1, before + after + 1):
+        total += padded.narrow(1, offset, C)
+    return total
+
+
+class _LocalResponseNorm(torch.autograd.Function):
+    r""":math:`b = a D^{-\beta}`, :math:`D = k + \frac{\alpha}{n} \sum_{window} a^2`, with its
+    backward by hand: through :math:`D`, each channel's gradient collects from every window it
+    belongs to, which is the window sum with ``before`` and ``after`` exchanged (its transpose):
+
+    .. math:: \frac{\partial L}{\partial a} = g D^{-\beta} - \frac{2 \alpha \beta}{n}\, a
+              \sum_{window^T} g\, a\, D^{-\beta - 1}
+
+    Saves the input and D (in the input's dtype; autograd keeps several float64 tensors)."""
+
+    @staticmethod
+    def forward(ctx, input, size, alpha, beta, k):
+        x = input.to(_compute_dtype(input))
+        before, after = size // 2, (size - 1) // 2
+        D = k + alpha / size * _window_sum(x * x, before, after)
+        ctx.save_for_backward(input, D.to(input.dtype))
+        ctx.arguments = (size, alpha, beta, before, after, k)
+        return (x * D.pow(-beta)).to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        input, D = ctx.saved_tensors
+        size, alpha, beta, before, after, k = ctx.arguments
+        if torch.is_grad_enabled():          # create_graph=True: D recomputed inside the graph
+            dtype = _compute_dtype(input)
+            x = input.to(dtype)
+            D = k + alpha / size * _window_sum(x * x, before, after)
+        else:
+            dtype = torch.promote_types(input.dtype, torch.float32)
+            x, D = input.to(dtype), D.to(dtype)
+        dy = dy.to(dtype)
+        scaled = D.pow(-beta)                                  # D^-beta
+        through_D = _window_sum(dy * x * scaled / D, after, before)   # the transposed window
+        dx = torch.addcmul(dy * scaled, x, through_D, value=-2 * alpha * beta / size)
+        return dx.to(input.dtype), None, None, None, None
+
+
+def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    """:func:`normcode.functional.local_response_norm` with a hand-written backward."""
+    check.local_response_norm(input, size)
+    if input.numel() == 0:
+        return _local_response_norm(input, size, alpha, beta, k)
+    return _LocalResponseNorm.apply(input, size, alpha, beta, k)
 
 
 # --------------------------------------------------------------------------------------------

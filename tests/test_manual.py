@@ -75,6 +75,10 @@ CASES = {
         (5, 4, 3), (4, 3), False, lambda F, x, w, b, s: F.rms_norm(x, (4, 3), w, 1e-6)),
     "rms_norm, eps=None": Case((5, 8), (8,), False, lambda F, x, w, b, s: F.rms_norm(x, (8,), w)),
     "rms_norm, no weight": Case((5, 8), None, False, lambda F, x, w, b, s: F.rms_norm(x, (8,), None)),
+    "local_response_norm": Case(
+        (3, 6, 4), None, False, lambda F, x, w, b, s: F.local_response_norm(x, 3, 0.3, 0.7, 1.5)),
+    "local_response_norm, even size > C": Case(
+        (2, 3, 2, 2), None, False, lambda F, x, w, b, s: F.local_response_norm(x, 4, 0.5, 1.1, 0.5)),
 }
 
 
@@ -175,11 +179,14 @@ def test_batch_statistics_gradient_is_a_projection(case):
 @pytest.mark.parametrize("case", CASES)
 def test_saves_only_the_input_and_small_statistics(case):
     """An absolute bound: the float32 input, the weight, and a float64 mean and r per
-    statistics set (at most one set per row of the last dim), nothing full-size besides."""
+    statistics set (at most one set per row of the last dim), nothing full-size besides;
+    LocalResponseNorm keeps its denominator D too (float32, full-size: D is per element)."""
     x, w, b, state = _arguments(case, torch.float32)
     params = sum(t.numel() * t.element_size() for t in (w,) if t is not None)
     ours, _ = manual.saved_bytes(CASES[case].call, manual, x, w, b, copy.deepcopy(state))
     small = 2 * 8 * x.numel() // x.shape[-1] + params     # mean and r in float64: one per set at most
+    if case.startswith("local_response_norm"):
+        small = x.numel() * 4
     assert ours <= x.numel() * 4 + small, (ours, x.numel() * 4)
 
 
@@ -193,7 +200,8 @@ MODULES = {
     "GroupNorm": (lambda m: m.GroupNorm(2, 6), (4, 6, 3)),
     "RMSNorm": (lambda m: m.RMSNorm([5]), (6, 5)),
 }
-MANUAL_NAMES = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
+MANUAL_NAMES = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm",
+                "local_response_norm"]
 
 
 @pytest.mark.parametrize("train", [True, False])
