@@ -8,12 +8,12 @@ from .data import Digits, load_digits
 from .models import NoisyBatchNorm1d, digits_cnn, digits_mlp
 from .probes import (TrainingProbe, activation_inputs, companion_outputs, frozen_buffers,
                      loss_along_gradient)
-from .training import History, accuracy, batch_size_sweep, train
+from .training import History, accuracy, batch_size_sweep, shuffled_batches, train
 
 __all__ = [
     "Digits", "load_digits",
     "NoisyBatchNorm1d", "digits_cnn", "digits_mlp",
     "TrainingProbe", "activation_inputs", "companion_outputs", "frozen_buffers",
     "loss_along_gradient",
-    "History", "accuracy", "batch_size_sweep", "train",
+    "History", "accuracy", "batch_size_sweep", "shuffled_batches", "train",
 ]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .models import digits_cnn
+from .training import shuffled_batches
 
 
 def bn_layers(model):
@@ -89,13 +90,7 @@ def split_ensemble(ensemble, k, K, norm, bn_states=None):
 
 def _batch_orders(n, batch_size, steps, seed):
     """The indices :func:`normcode.experiments.train` draws, step by step, for ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(n, generator=g), 0
-    for _ in range(steps):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=g), 0
-        yield order[cursor:cursor + batch_size]
-        cursor += batch_size
+    return shuffled_batches(n, batch_size, steps, torch.Generator().manual_seed(seed))
 
 
 def train_ensemble(data, *, seeds, lrs, batch_size, steps, norm=nn.BatchNorm2d,

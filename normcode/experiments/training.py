@@ -24,12 +24,23 @@ class History:
     train_loss: list = field(default_factory=list)
 
 
+def shuffled_batches(n, batch_size, steps, generator):
+    """``steps`` batches of indices into ``n`` samples, drawn without replacement and
+    reshuffled at each epoch (a last batch that would run short starts the next epoch)."""
+    order, cursor = torch.randperm(n, generator=generator), 0
+    for _ in range(steps):
+        if cursor + batch_size > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        yield order[cursor:cursor + batch_size]
+        cursor += batch_size
+
+
 def train(model, data, *, steps, batch_size, lr, seed=0, momentum=0.0, eval_every=None,
           callback=None):
     """Train ``model`` on ``data`` with plain SGD and cross-entropy for ``steps`` mini-batches.
 
-    Batches are drawn without replacement, reshuffled each epoch, from a generator seeded by
-    ``seed``, so a run is deterministic. Every ``eval_every`` steps (and at the end) it records
+    Batches are :func:`shuffled_batches` from a generator seeded by ``seed``, so a run is
+    deterministic. Every ``eval_every`` steps (and at the end) it records
     the test accuracy and the latest training loss; ``callback(step, model)``, if given, runs
     after every step. Returns a :class:`History`. A loss that becomes NaN or inf stops training
     early (recorded as such), so a diverging configuration is visible, not hidden.
@@ -38,14 +49,9 @@ def train(model, data, *, steps, batch_size, lr, seed=0, momentum=0.0, eval_ever
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     history = History()
-    n = len(data.y_train)
-    order, cursor = torch.randperm(n, generator=g), 0
     model.train()
-    for step in range(1, steps + 1):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=g), 0
-        idx = order[cursor:cursor + batch_size]
-        cursor += batch_size
+    batches = shuffled_batches(len(data.y_train), batch_size, steps, g)
+    for step, idx in enumerate(batches, start=1):
         loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
         opt.zero_grad()
         loss.backward()
