@@ -78,8 +78,8 @@ def global_moments(x, dims, counts, group):
 
     Each rank reduces its shard to a count :math:`n_r`, a mean :math:`\mu_r` and a centred sum
     of squares :math:`M_r = \sum_{i \in r} (x_i - \mu_r)^2` (by
-    ``normcode.functional._centred_sum_of_squares``, the same three reductions as one
-    machine's moments); one ``all_reduce`` gathers them all, and every rank
+    ``normcode.functional._centred_sum_of_squares``: two passes over values shifted by one of
+    the shard's own elements, as one machine's moments); one ``all_reduce`` gathers them all, and every rank
     merges them (Chan, Golub & LeVeque 1983):
 
     .. math:: \mu = \frac{1}{n}\sum_r n_r \mu_r, \qquad

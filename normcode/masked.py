@@ -49,9 +49,9 @@ def _check_mask(input, mask):
 def _masked_moments(x, mask, dims, n):
     r"""Mean and biased variance of ``x`` over ``dims`` (kept), counting only where ``mask``.
 
-    :func:`normcode.functional._moments` with its ``where``: the same three reductions (a mean,
-    a corrective mean of the residuals, the mean square of the centred values), each summing
-    the real positions only, over ``n`` of them.
+    ``normcode.functional._moments`` with its ``where``: two passes (the mean, then the mean
+    square of the deviations from it), each summing the real positions only, over ``n`` of
+    them.
     """
     return _moments(x, dims, count=n, where=mask)
 
