@@ -226,16 +226,20 @@ class _Normalize(torch.autograd.Function):
             dx, dweight, dbias = _row_backward(plan, dy, x_hat, r, w)
         if dx is not None:
             dx = dx.reshape(input.shape).to(input.dtype)
-        if not ctx.needs_input_grad[1]:
-            dweight = None
-        elif dweight is not None:
-            dweight = dweight.reshape(weight.shape).to(weight.dtype)
-        if not ctx.needs_input_grad[2]:
-            dbias = None
-        else:
-            bias_shape, bias_dtype = ctx.bias_layout
-            dbias = dbias.reshape(bias_shape).to(bias_dtype)
+        needs = ctx.needs_input_grad
+        weight_layout = None if weight is None else (weight.shape, weight.dtype)
+        dweight = _as_parameter(dweight, needs[1], weight_layout)
+        dbias = _as_parameter(dbias, needs[2], ctx.bias_layout)
         return dx, dweight, dbias, None
+
+
+def _as_parameter(grad, needed, layout):
+    """``grad`` in its parameter's ``layout`` (shape, dtype), or None where autograd does not
+    need it."""
+    if not needed or grad is None:
+        return None
+    shape, dtype = layout
+    return grad.reshape(shape).to(dtype)
 
 
 #: About how many elements one block of the forward holds (1 MiB of float64).
