@@ -46,3 +46,36 @@ def test_group_norm_has_no_train_eval_gap(batch_one):
         if name != "BN":
             assert abs(train_acc - eval_acc) < 0.01, name
 
+
+
+def _alone(make, seed, data, batch_size, batches, schedule):
+    model = make(seed).double()
+    sb.fit(model, data, samples=40 * batch_size, batch_size=batch_size, lr=0.05, seed=seed,
+           batches=batches, schedule=schedule)
+    return model.eval()
+
+
+@pytest.mark.parametrize("batch_size", (2, 8))
+def test_packed_members_train_as_if_alone(batch_size):
+    """The chapters train their seeds and norms as one PackedDigitsCNN: each member must
+    compute what the same model trained alone computes (float64, 40 steps, mixed norms and
+    convolutions, BatchRenorm's schedule, i.i.d. and two-class batches)."""
+    data = load_digits(dtype=torch.float64)
+    makers = [lambda s: digits_cnn(normcode.BatchNorm2d, seed=s),
+              lambda s: digits_cnn(normcode.BatchRenorm2d, seed=s),
+              lambda s: digits_cnn(gn, seed=s), lambda s: sb.std_conv_cnn(gn, seed=s)]
+    members = [(make, s) for make in makers for s in (0, 1)]
+    schedule = sb.paper_schedule(40)
+    batches = (sb.iid_batches if batch_size == 2 else
+               lambda y, b, s, g: sb.few_class_batches(y, b, s, g, 2))
+    packed = sb.PackedDigitsCNN([make(s).double() for make, s in members])
+    sb.fit_packed(packed, data, samples=40 * batch_size, batch_size=batch_size, lr=0.05,
+                  seeds=[s for _, s in members], batches=batches, schedule=schedule)
+    packed.eval()
+    x = data.x_test[:64]
+    with torch.no_grad():
+        out = packed(x.expand(-1, len(members), -1, -1))
+    for k, (make, s) in enumerate(members):
+        alone = _alone(make, s, data, batch_size, batches, schedule)
+        with torch.no_grad():
+            torch.testing.assert_close(out[:, k], alone(x), rtol=0, atol=1e-9)

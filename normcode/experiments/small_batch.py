@@ -103,45 +103,55 @@ def both_modes(model, data, batch_size, batches=None):
 
 
 def small_batch_study(make_model, norms, data, *, batch_sizes, samples, lr, seeds,
-                      schedule=paper_schedule):
+                      schedule=paper_schedule, on_pack=None):
     """For each norm, batch size and seed: train ``make_model(norm, seed)`` on ``samples``
     samples at learning rate ``lr`` and score it in both modes. A norm whose name starts with
-    "BRN" gets ``schedule(steps)``. Returns ``{(name, batch_size, seed): (train_acc,
-    eval_acc)}``."""
+    "BRN" gets ``schedule(steps)``. At each batch size, all norms and seeds train as one
+    :class:`PackedDigitsCNN` (members ordered by norm, then seed); ``on_pack(batch_size,
+    model)``, if given, runs before training it (to attach a probe) and returns the hook
+    handles to remove after training. Returns ``{(name,
+    batch_size, seed): (train_acc, eval_acc)}``."""
     results = {}
-    for name, norm in norms.items():
-        for batch_size in batch_sizes:
-            for seed in seeds:
-                model = make_model(norm, seed)
-                steps = samples // batch_size
-                sched = schedule(steps) if name.startswith("BRN") else None
-                fit(model, data, samples=samples, batch_size=batch_size, lr=lr, seed=seed,
-                    schedule=sched)
-                results[name, batch_size, seed] = both_modes(model, data, batch_size)
+    keys = [(name, seed) for name in norms for seed in seeds]
+    for batch_size in batch_sizes:
+        model = PackedDigitsCNN([make_model(norms[name], seed) for name, seed in keys])
+        handles = [] if on_pack is None else on_pack(batch_size, model)
+        steps = samples // batch_size
+        brn = any(name.startswith("BRN") for name in norms)
+        fit_packed(model, data, samples=samples, batch_size=batch_size, lr=lr,
+                   seeds=[seed for _, seed in keys], schedule=schedule(steps) if brn else None)
+        for handle in handles:
+            handle.remove()
+        train_acc = packed_accuracies(model, data.x_test, data.y_test, batch_size)
+        eval_acc = packed_accuracies(model, data.x_test, data.y_test)
+        for (name, seed), t, e in zip(keys, train_acc, eval_acc):
+            results[name, batch_size, seed] = (t, e)
     return results
 
 
 def non_iid_study(make_model, norms, data, *, batch_size, samples, lr, seeds,
                   classes_per_batch=2, schedule=paper_schedule):
     """Ioffe (2017)'s non-i.i.d. experiment at digits scale: each training batch drawn from
-    ``classes_per_batch`` classes. Returns ``{(name, seed): (eval accuracy, training-mode
-    accuracy on few-class test batches, training-mode accuracy on shuffled test batches)}``."""
+    ``classes_per_batch`` classes; all norms and seeds train as one :class:`PackedDigitsCNN`. Returns
+    ``{(name, seed): (eval accuracy, training-mode accuracy on few-class test batches,
+    training-mode accuracy on shuffled test batches)}``."""
     results = {}
-    for name, norm in norms.items():
-        for seed in seeds:
-            model = make_model(norm, seed)
-            sched = schedule(samples // batch_size) if name.startswith("BRN") else None
-            fit(model, data, samples=samples, batch_size=batch_size, lr=lr, seed=seed,
-                batches=lambda y, b, s, g: few_class_batches(y, b, s, g, classes_per_batch),
-                schedule=sched)
-            g = torch.Generator().manual_seed(1000 + seed)
-            steps = len(data.y_test) // batch_size
-            few = list(few_class_batches(data.y_test, batch_size, steps, g, classes_per_batch))
-            results[name, seed] = (accuracy(model, data.x_test, data.y_test),
-                                   train_mode_accuracy(model, data.x_test, data.y_test,
-                                                       batch_size, few),
-                                   train_mode_accuracy(model, data.x_test, data.y_test,
-                                                       batch_size))
+    steps = len(data.y_test) // batch_size
+    few = [list(few_class_batches(data.y_test, batch_size, steps,
+                                  torch.Generator().manual_seed(1000 + seed),
+                                  classes_per_batch)) for seed in seeds]
+    keys = [(name, seed) for name in norms for seed in seeds]
+    model = PackedDigitsCNN([make_model(norms[name], seed) for name, seed in keys])
+    brn = any(name.startswith("BRN") for name in norms)
+    fit_packed(model, data, samples=samples, batch_size=batch_size, lr=lr,
+               seeds=[seed for _, seed in keys],
+               batches=lambda y, b, s, g: few_class_batches(y, b, s, g, classes_per_batch),
+               schedule=schedule(samples // batch_size) if brn else None)
+    scores = zip(packed_accuracies(model, data.x_test, data.y_test),
+                 packed_accuracies(model, data.x_test, data.y_test, batch_size, few * len(norms)),
+                 packed_accuracies(model, data.x_test, data.y_test, batch_size))
+    for key, score in zip(keys, scores):
+        results[key] = score
     return results
 
 
@@ -225,22 +235,24 @@ def _grad(linear):
     return _free(linear).grad
 
 
-def correction_trace(model):
+def correction_trace(model, block=0, blocks=1):
     """Record, at every training forward of each BatchRenorm layer, the corrections r and d
     the layer would use before clipping: per call ``(layer index, max |log r|, max |d|, share
     of channels clipped)``, over channels. Returns ``(trace, handles)``; remove the handles to
-    stop recording."""
+    stop recording. In a :class:`PackedDigitsCNN`, ``blocks`` is the number of members each
+    BatchRenorm layer holds and ``block`` the member to record."""
     trace, handles = [], []
 
     def hook(layer, args, index):
         if not layer.training:
             return
-        x = args[0].detach().double()
+        x = args[0].detach().double().chunk(blocks, 1)[block]
+        channels = slice(block * x.shape[1], (block + 1) * x.shape[1])
         dims = [0, *range(2, x.dim())]
         sigma_B = (x.var(dims, unbiased=False) + layer.eps).sqrt()
-        sigma = (layer.running_var.double() + layer.eps).sqrt()
+        sigma = (layer.running_var[channels].double() + layer.eps).sqrt()
         log_r = (sigma_B / sigma).log()
-        d = (x.mean(dims) - layer.running_mean.double()) / sigma
+        d = (x.mean(dims) - layer.running_mean[channels].double()) / sigma
         clipped = (log_r.abs() > math.log(layer.r_max)) | (d.abs() > layer.d_max)
         trace.append((index, float(log_r.abs().max()), float(d.abs().max()),
                       float(clipped.double().mean())))
@@ -249,3 +261,145 @@ def correction_trace(model):
         handles.append(layer.register_forward_pre_hook(
             lambda module, args, i=i: hook(module, args, i)))
     return trace, handles
+
+
+# --------------------------------------------------------------------------------------------
+# Several seeds as one network
+# --------------------------------------------------------------------------------------------
+# A digits run is one seed; a comparison needs several. As in ``batch_size.PackedCNN`` (the
+# groupnorm chapter), the seeds' ``digits_cnn`` models are packed into one network: grouped
+# convolutions put member k's channels in the k-th block, each norm layer is one wide layer of
+# the same class whose statistics never cross a block (BatchNorm, BatchRenorm: per channel;
+# GroupNorm: per group, with k's groups inside k's block), and the input carries member k's
+# images in channel k. Members share no parameter, statistic or gradient (the loss is the sum
+# of the members' batch means), so the pack trains what the members would train one after
+# another (``tests/test_claims_small_batch.py`` checks it), at about the cost of one run.
+class PackedDigitsCNN(nn.Module):
+    """``len(members)`` ``digits_cnn``-shaped models (plain or weight-standardized
+    convolutions, any per-channel or per-group norm, mixed freely) as one. Input (N, S, 8, 8),
+    member k's images in channel k; output (N, S, 10). Consecutive members whose layer has
+    the same class and settings share one wide layer; a layer mixing several is a
+    :class:`Blocks` of wide layers."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.size = len(members)
+        layers = []
+        for parts in zip(*members):
+            first = parts[0]
+            if isinstance(first, nn.Linear):
+                self.head_weight = nn.Parameter(torch.stack([p.weight.detach() for p in parts]))
+                self.head_bias = nn.Parameter(torch.stack([p.bias.detach() for p in parts]))
+            elif isinstance(first, (nn.ReLU, nn.AdaptiveAvgPool2d, nn.Flatten)):
+                layers.append(first)
+            else:
+                runs = _runs(parts)
+                wide = [_wide_conv(r) if isinstance(r[0], nn.Conv2d) else _wide_norm(r)
+                        for r in runs]
+                layers.append(wide[0] if len(wide) == 1 else Blocks(wide, [len(r) for r in runs]))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        features = self.body(x).unflatten(1, (self.size, -1))            # (N, S, C)
+        return torch.einsum("nsc,sjc->nsj", features, self.head_weight) + self.head_bias
+
+
+class Blocks(nn.Module):
+    """``modules[i]`` applied to the i-th run of ``counts[i]`` members' channel blocks."""
+
+    def __init__(self, modules, counts):
+        super().__init__()
+        self.parts, self.counts = nn.ModuleList(modules), counts
+
+    def forward(self, x):
+        width = x.shape[1] // sum(self.counts)
+        blocks = x.split([c * width for c in self.counts], dim=1)
+        return torch.cat([m(b) for m, b in zip(self.parts, blocks)], dim=1)
+
+
+def _signature(layer):
+    return (type(layer), getattr(layer, "num_groups", None), getattr(layer, "eps", None))
+
+
+def _runs(parts):
+    """The members' layers cut into runs of consecutive layers of one signature."""
+    runs = [[parts[0]]]
+    for layer in parts[1:]:
+        if _signature(layer) == _signature(runs[-1][0]):
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
+
+
+def _wide_conv(convs):
+    """One grouped convolution of the convs' class doing ``convs[k]`` on block k."""
+    S, conv = len(convs), copy.deepcopy(convs[0])      # same class: Conv2d or StdConv2d
+    conv.in_channels, conv.out_channels = S * conv.in_channels, S * conv.out_channels
+    conv.groups = S * conv.groups
+    conv.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]))
+    return conv
+
+
+def _wide_norm(norms):
+    """One layer of the norms' class doing ``norms[k]`` on the k-th block of channels."""
+    S, wide = len(norms), copy.deepcopy(norms[0])
+    if hasattr(wide, "num_groups"):
+        wide.num_groups, wide.num_channels = S * wide.num_groups, S * wide.num_channels
+    else:
+        wide.num_features = S * wide.num_features
+    for name, _ in list(wide.named_parameters()):
+        setattr(wide, name, nn.Parameter(torch.cat([getattr(m, name).detach() for m in norms])))
+    for name, _ in list(wide.named_buffers()):
+        if name != "num_batches_tracked":
+            setattr(wide, name, torch.cat([getattr(m, name) for m in norms]))
+    return wide
+
+
+def fit_packed(model, data, *, samples, batch_size, lr, seeds, batches=iid_batches,
+               schedule=None):
+    """:func:`fit` for every member of a :class:`PackedDigitsCNN` at once: member k draws its
+    batches with a generator seeded ``seeds[k]``, exactly as :func:`fit` alone would."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    steps = samples // batch_size
+    x = data.x_train[:, 0]                                            # (n, 8, 8)
+    model.train()
+    for step, idx in enumerate(zip(*(batches(data.y_train, batch_size, steps, g)
+                                     for g in gens))):
+        idx = torch.stack(idx, 1)                                     # (B, S)
+        if schedule is not None:
+            r_max, d_max = schedule(step)
+            for layer in renorm_layers(model):
+                layer.r_max, layer.d_max = r_max, d_max
+        logits = model(x[idx])                                        # (B, S, 10)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1),
+                                           data.y_train[idx].flatten(), reduction="sum")
+        opt.zero_grad()
+        (loss / batch_size).backward()
+        opt.step()
+    return model
+
+
+@torch.no_grad()
+def packed_accuracies(model, x, y, batch_size=None, batches=None):
+    """Each member's test accuracy: in eval mode (``batch_size`` None), or in training mode on
+    a copy, the test set cut into consecutive batches of ``batch_size`` or into the index
+    batches given (one list per member, equally long)."""
+    x = x[:, 0]
+    S = model.size
+    if batch_size is None:
+        model.eval()
+        correct = (model(x.unsqueeze(1).expand(-1, S, -1, -1)).argmax(-1) == y[:, None]).sum(0)
+        model.train()
+        return [c / len(y) for c in correct.tolist()]
+    model = copy.deepcopy(model).train()
+    if batches is None:
+        n = len(y) // batch_size * batch_size
+        idx = [torch.arange(i, i + batch_size)[:, None].expand(-1, S)
+               for i in range(0, n, batch_size)]
+    else:
+        idx = [torch.stack(b, 1) for b in zip(*batches)]
+    correct = sum((model(x[i]).argmax(-1) == y[i]).sum(0) for i in idx)
+    total = sum(len(i) for i in idx)
+    return [c / total for c in correct.tolist()]
