@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..batch_renorm import _BatchRenorm, relaxation_schedule
-from .training import accuracy
+from .training import accuracy, shuffled_batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -19,13 +19,7 @@ from .training import accuracy
 # --------------------------------------------------------------------------------------------
 def iid_batches(y, batch_size, steps, generator):
     """``steps`` index batches drawn without replacement, reshuffled at each epoch."""
-    n = len(y)
-    order, cursor = torch.randperm(n, generator=generator), 0
-    for _ in range(steps):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        yield order[cursor:cursor + batch_size]
-        cursor += batch_size
+    return shuffled_batches(len(y), batch_size, steps, generator)
 
 
 def few_class_batches(y, batch_size, steps, generator, classes_per_batch=2):
@@ -57,6 +51,14 @@ def paper_schedule(steps, r_max=3.0, d_max=5.0):
                                             d_steps=4 * unit, r_max=r_max, d_max=d_max)
 
 
+def _set_limits(model, schedule, step):
+    """Every BatchRenorm layer's ``r_max, d_max`` for ``step``, from ``schedule`` if given."""
+    if schedule is not None:
+        r_max, d_max = schedule(step)
+        for layer in renorm_layers(model):
+            layer.r_max, layer.d_max = r_max, d_max
+
+
 def fit(model, data, *, samples, batch_size, lr, seed=0, batches=iid_batches, schedule=None,
         record=None):
     """Train ``model`` with plain SGD and cross-entropy on ``samples // batch_size`` batches.
@@ -71,10 +73,7 @@ def fit(model, data, *, samples, batch_size, lr, seed=0, batches=iid_batches, sc
     steps = samples // batch_size
     model.train()
     for step, idx in enumerate(batches(data.y_train, batch_size, steps, g)):
-        if schedule is not None:
-            r_max, d_max = schedule(step)
-            for layer in renorm_layers(model):
-                layer.r_max, layer.d_max = r_max, d_max
+        _set_limits(model, schedule, step)
         loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
         opt.zero_grad()
         loss.backward()
@@ -368,10 +367,7 @@ def fit_packed(model, data, *, samples, batch_size, lr, seeds, batches=iid_batch
     for step, idx in enumerate(zip(*(batches(data.y_train, batch_size, steps, g)
                                      for g in gens))):
         idx = torch.stack(idx, 1)                                     # (B, S)
-        if schedule is not None:
-            r_max, d_max = schedule(step)
-            for layer in renorm_layers(model):
-                layer.r_max, layer.d_max = r_max, d_max
+        _set_limits(model, schedule, step)
         logits = model(x[idx])                                        # (B, S, 10)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1),
                                            data.y_train[idx].flatten(), reduction="sum")
