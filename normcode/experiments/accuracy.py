@@ -93,23 +93,20 @@ def gradient_cases(C):
     ``F`` is a functional module (``normcode.functional``, ``normcode.manual`` or
     ``torch.nn.functional``); ``running`` is ``[running_mean, running_var]``.
     """
-    per_channel = lambda x: (C,)
-    return {
-        "batch_norm, training": (
-            per_channel, lambda F, x, w, b, s: F.batch_norm(x, *s, w, b, True, 0.1)),
-        "batch_norm, eval": (
-            per_channel, lambda F, x, w, b, s: F.batch_norm(x, *s, w, b, False)),
-        "instance_norm": (
-            per_channel, lambda F, x, w, b, s: F.instance_norm(x, *s, w, b, True, 0.1)),
-        "instance_norm, running statistics": (
-            per_channel, lambda F, x, w, b, s: F.instance_norm(x, *s, w, b, False)),
-        "group_norm, G = 2": (
-            per_channel, lambda F, x, w, b, s: F.group_norm(x, 2, w, b)),
-        "layer_norm": (
-            lambda x: x.shape[1:], lambda F, x, w, b, s: F.layer_norm(x, x.shape[1:], w, b)),
-        "rms_norm": (
-            lambda x: x.shape[2:], lambda F, x, w, b, s: F.rms_norm(x, x.shape[2:], w)),
+    per_channel = {                 # weight and bias of shape (C,)
+        "batch_norm, training": lambda F, x, w, b, s: F.batch_norm(x, *s, w, b, True, 0.1),
+        "batch_norm, eval": lambda F, x, w, b, s: F.batch_norm(x, *s, w, b, False),
+        "instance_norm": lambda F, x, w, b, s: F.instance_norm(x, *s, w, b, True, 0.1),
+        "instance_norm, running statistics":
+            lambda F, x, w, b, s: F.instance_norm(x, *s, w, b, False),
+        "group_norm, G = 2": lambda F, x, w, b, s: F.group_norm(x, 2, w, b),
     }
+    cases = {name: (lambda x: (C,), call) for name, call in per_channel.items()}
+    cases["layer_norm"] = (
+        lambda x: x.shape[1:], lambda F, x, w, b, s: F.layer_norm(x, x.shape[1:], w, b))
+    cases["rms_norm"] = (
+        lambda x: x.shape[2:], lambda F, x, w, b, s: F.rms_norm(x, x.shape[2:], w))
+    return cases
 
 
 def forward_backward(F, call, x, w, b, running, dy):
