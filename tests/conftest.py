@@ -103,3 +103,30 @@ def _seed_the_global_rng():
     """A test that draws from torch's global RNG gets the same data whatever xdist ran before it
     in the same worker (tests should still pass their own seeded Generator)."""
     torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------------------------
+# The packed batch-size studies (groupnorm, switchablenorm) train many seeds as one network;
+# their claims hold only if a packed member computes what the same model trained alone does.
+# --------------------------------------------------------------------------------------------
+def packed_equals_alone(norm, members, steps=20, batch_size=4, momentum=0.9):
+    """Assert that every member of a packed ``digits_cnn(norm)`` study, trained ``steps`` steps
+    in float64, gives the outputs of the same model trained alone by ``train``."""
+    from normcode.experiments import digits_cnn, load_digits, train
+    from normcode.experiments.batch_size import PackedCNN, members_data, train_packed
+
+    x_train, y_train, x_test, y_test = members_data(members, 0.5, torch.float64)
+    packed = PackedCNN([digits_cnn(norm, seed=m.seed).double() for m in members])
+    train_packed(packed, members, x_train, y_train, steps=steps, batch_size=batch_size,
+                 lr_scale=batch_size / 32, momentum=momentum)
+    packed.eval()
+    with torch.no_grad():
+        out = packed(x_test[:64])
+    for k, m in enumerate(members):
+        data = load_digits(test_fraction=0.5, seed=m.seed, dtype=torch.float64)
+        alone = digits_cnn(norm, seed=m.seed).double()
+        train(alone, data, steps=steps, batch_size=batch_size, lr=m.base_lr * batch_size / 32,
+              seed=m.seed, momentum=momentum)
+        alone.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(out[:, k], alone(data.x_test[:64]), rtol=0, atol=1e-10)
