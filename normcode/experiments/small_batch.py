@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..batch_renorm import _BatchRenorm, relaxation_schedule
-from .training import accuracy, shuffled_batches
+from .training import accuracy, sgd_step, shuffled_batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,15 +69,11 @@ def fit(model, data, *, samples, batch_size, lr, seed=0, batches=iid_batches, sc
     model, trained in place."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
     steps = samples // batch_size
     model.train()
     for step, idx in enumerate(batches(data.y_train, batch_size, steps, g)):
         _set_limits(model, schedule, step)
-        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        sgd_step(model, opt, data.x_train[idx], data.y_train[idx])
         if record is not None:
             record(step, model)
     return model

@@ -35,6 +35,15 @@ def shuffled_batches(n, batch_size, steps, generator):
         cursor += batch_size
 
 
+def sgd_step(model, opt, x, y):
+    """One optimizer step on the cross-entropy of ``model(x)`` against ``y``; returns the loss."""
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def train(model, data, *, steps, batch_size, lr, seed=0, momentum=0.0, eval_every=None,
           callback=None):
     """Train ``model`` on ``data`` with plain SGD and cross-entropy for ``steps`` mini-batches.
@@ -47,15 +56,11 @@ def train(model, data, *, steps, batch_size, lr, seed=0, momentum=0.0, eval_ever
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    loss_fn = nn.CrossEntropyLoss()
     history = History()
     model.train()
     batches = shuffled_batches(len(data.y_train), batch_size, steps, g)
     for step, idx in enumerate(batches, start=1):
-        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loss = sgd_step(model, opt, data.x_train[idx], data.y_train[idx])
         if callback is not None:
             callback(step, model)
         diverged = not torch.isfinite(loss).item()
