@@ -31,7 +31,7 @@ from .. import functional as NF
 
 __all__ = ["single_thread", "backward_memory", "autograd_nodes", "gradient_cases",
            "forward_backward", "batchnorm1d_error", "saved_mean_ulps", "float32_spacing",
-           "half_precision_ulps", "count_ops", "forward_backward_ops", "backward_table",
+           "half_precision_ulps", "count_ops", "backward_table",
            "variance_study", "draw_graph"]
 
 
@@ -236,30 +236,8 @@ def count_ops(call):
     return log.ops
 
 
-REDUCTIONS = {"mean", "sum", "var", "var_mean", "amax", "native_layer_norm",
-              "native_batch_norm", "native_group_norm", "linalg_vector_norm"}
-
-
-def forward_backward_ops(call, x, *params):
-    """Count what eager execution of ``y = call(x, *params)`` and ``y.backward(ones)`` runs.
-
-    Returns ``{"ops": aten operations, forward and backward, "forward_reductions":
-    reductions in the forward alone}``: two deterministic measures of eager work.
-    """
-    forward = count_ops(lambda: call(x, *params))
-
-    def both():
-        y = call(x, *params)
-        y.backward(torch.ones_like(y))
-
-    ops = count_ops(both)
-    for t in (x, *params):
-        t.grad = None
-    return {"ops": len(ops), "forward_reductions": sum(op in REDUCTIONS for op in forward)}
-
-
 def backward_table(cases, implementations):
-    """:func:`backward_memory` and :func:`forward_backward_ops` for every case and functional.
+    """:func:`backward_memory` for every case and functional.
 
     ``cases``: ``{name: (input, parameter shape, call(F, x, weight, bias))}``;
     ``implementations``: ``{name: F}``. Weights are random (``rand + 0.5``), biases
@@ -273,8 +251,7 @@ def backward_table(cases, implementations):
         b = torch.randn(shape).requires_grad_()
         for impl, F in implementations.items():
             f = lambda x, w, b: call(F, x, w, b)
-            measured[name, impl] = {**backward_memory(f, x, w, b),
-                                    **forward_backward_ops(f, x, w, b)}
+            measured[name, impl] = backward_memory(f, x, w, b)
     return measured
 
 

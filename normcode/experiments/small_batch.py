@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..batch_renorm import _BatchRenorm, relaxation_schedule
-from .training import accuracy, sgd_step, shuffled_batches
+from .training import sgd_step, shuffled_batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,12 +89,6 @@ def train_mode_accuracy(model, x, y, batch_size, batches=None):
         batches = [torch.arange(i, i + batch_size) for i in range(0, n, batch_size)]
     correct = sum((model(x[idx]).argmax(1) == y[idx]).sum().item() for idx in batches)
     return correct / sum(len(idx) for idx in batches)
-
-
-def both_modes(model, data, batch_size, batches=None):
-    """``(training-mode accuracy, eval-mode accuracy)`` on the test set."""
-    return (train_mode_accuracy(model, data.x_test, data.y_test, batch_size, batches),
-            accuracy(model, data.x_test, data.y_test))
 
 
 def small_batch_study(make_model, norms, data, *, batch_sizes, samples, lr, seeds,
