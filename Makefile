@@ -26,9 +26,10 @@ test: venv
 	$(PY) -m pytest -n $(JOBS) --dist loadfile --nbval --nbval-current-env \
 	    --nbval-sanitize-with chapters/sanitize.cfg chapters
 
-# The book, from the notebooks' stored outputs, with warnings as errors.
+# The book in both editions, from the notebooks' stored outputs, with warnings as errors:
+# English in _build/html, Chinese (the same notebooks, markdown from i18n/zh/) in _build/html/zh.
 book: venv
-	$(VENV)/bin/jupyter-book build . --all -W -n --keep-going
+	$(PY) i18n/editions.py build
 
 # Re-execute every chapter in place, so the stored outputs are what the code prints.
 execute: venv

@@ -1,10 +1,12 @@
 """The built book, read in a real browser.
 
-Builds the book with warnings as errors, serves ``_build/html`` on 127.0.0.1 and opens every
-page in headless Chromium. On every page: no console error, no request leaving loopback (each
+Builds both editions with warnings as errors, as `make book` does (English in ``_build/html``,
+Chinese in ``_build/html/zh``), serves ``_build/html`` on 127.0.0.1 and opens every page of
+both in headless Chromium. On every page: no console error, no request leaving loopback (each
 is recorded and aborted), every formula typeset by the book's own MathJax, every image loaded,
 every link in the page (navigation, table of contents, download button, cross references)
-resolving to a file of the book. Then the search page must find "momentum".
+resolving to a file of the book, and a link to the same page in the other edition. Then the
+English search page must find "momentum", and the Chinese one 批归一化 on the BatchNorm chapter.
 
 Needs Debian's Chromium at /usr/bin/chromium (playwright cannot download browsers here): without
 it the browser tests skip, unless NORMCODE_REQUIRE_BROWSER=1 (set by CI), where they fail.
@@ -15,7 +17,6 @@ import functools
 import http.server
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -35,20 +36,14 @@ LOOPBACK = "127.0.0.1"
 pytestmark = [pytest.mark.browser]
 
 
-def _jupyter_book():
-    """The jupyter-book next to the running interpreter (the project's venv), else on PATH."""
-    exe = Path(sys.executable).with_name("jupyter-book")
-    return str(exe) if exe.exists() else shutil.which("jupyter-book")
-
-
 @pytest.fixture(scope="module")
 def build():
-    """Build the book once per session, as `make book` does, with a fresh environment.
+    """Build both editions once per session, as `make book` does, with fresh environments.
 
-    --all re-reads every page: an incremental build skips unchanged pages and with them the
-    warnings they raised last time, so it can pass on a book that does not build clean.
+    i18n/editions.py passes --all: an incremental build skips unchanged pages and with them
+    the warnings they raised last time, so it could pass on a book that does not build clean.
     """
-    cmd = [_jupyter_book(), "build", ".", "-W", "-n", "--keep-going", "--all"]
+    cmd = [sys.executable, str(ROOT / "i18n" / "editions.py"), "build"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     return done.returncode, done.stdout + done.stderr
 
@@ -57,7 +52,7 @@ def test_book_builds_without_warnings(build):
     returncode, log = build
     warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
     assert returncode == 0 and not warnings, (
-        f"jupyter-book build -W -n failed (exit {returncode}):\n" + "\n".join(warnings or [log[-5000:]]))
+        f"the book's build (-W -n, both editions) failed (exit {returncode}):\n" + "\n".join(warnings or [log[-5000:]]))
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +136,9 @@ async () => {
   report.images = images.length;
   report.badImages = images.filter(img => !img.complete || img.naturalWidth === 0).map(img => img.src);
 
+  const twin = document.querySelector('p.edition-switch a[hreflang]');
+  report.twin = twin ? twin.href : null;
+
   const nav = '.bd-sidebar-primary, .bd-sidebar-secondary, .bd-header-article, .prev-next-area, .bd-toc-nav';
   for (const a of document.querySelectorAll('a[href]')) {
     report.links.push(a.href);
@@ -152,10 +150,15 @@ async () => {
 
 
 def _pages():
-    """Every built HTML page but search.html (tested on its own, with a query)."""
-    skip = ("_static", "_sources", "_images")
+    """Every built HTML page of both editions but search.html (tested on its own, with a query)."""
+    skip = {"_static", "_sources", "_images"}
     return sorted(p.relative_to(HTML).as_posix() for p in HTML.rglob("*.html")
-                  if not p.relative_to(HTML).parts[0] in skip and p.name != "search.html")
+                  if not skip & set(p.relative_to(HTML).parts) and p.name != "search.html")
+
+
+def _twin(name):
+    """The same page in the other edition."""
+    return name.removeprefix("zh/") if name.startswith("zh/") else "zh/" + name
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,6 +205,9 @@ def test_every_page_renders_offline(site, browser):
     context, external = browser
     pages = _pages()
     assert "index.html" in pages and len(pages) >= 3, pages
+    english = [p for p in pages if not p.startswith("zh/")]
+    assert sorted(_twin(p) for p in english) == [p for p in pages if p.startswith("zh/")], (
+        "the Chinese edition does not have exactly the English edition's pages")
     problems, formulas, images, links, nav_links = {}, 0, 0, 0, 0
     for name in pages:
         seen = len(external)
@@ -217,6 +223,9 @@ def test_every_page_renders_offline(site, browser):
         found += [f"raw TeX in the text: {text!r}" for text in report["rawTex"]]
         found += [f"image did not load: {src}" for src in report["badImages"]]
         found += [why for why in map(lambda url: _broken_link(url, site), report["links"]) if why]
+        if name not in ("genindex.html", "zh/genindex.html", "py-modindex.html", "zh/py-modindex.html") \
+                and report["twin"] != site + _twin(name):
+            found.append(f"no link to the other edition's page {_twin(name)} (found {report['twin']})")
         formulas += report["formulas"]
         images += report["images"]
         links += len(report["links"])
@@ -226,7 +235,7 @@ def test_every_page_renders_offline(site, browser):
         elif os.environ.get("NORMCODE_SCREENSHOTS") == "1":
             _screenshot(page, name)
         page.close()
-    print(f"\nbrowser check: {len(pages)} pages, {formulas} formulas typeset, {images} images loaded, "
+    print(f"\nbrowser check: {len(pages)} pages ({len(english)} per edition), {formulas} formulas typeset, {images} images loaded, "
           f"{links} links checked ({nav_links} in the navigation)")
     assert not problems, "\n".join(f"{name}:\n  " + "\n  ".join(found) for name, found in problems.items())
     assert formulas > 0, "no formula was typeset anywhere: is MathJax loaded?"
@@ -245,6 +254,24 @@ def test_search_finds_momentum(site, browser):
     assert not errors and len(external) == seen, (errors, external[seen:])
     assert any("glossary" in href for href in hits), hits
     print(f"\nsearch: 'momentum' found on {len(hits)} page(s)")
+    page.close()
+
+
+def test_chinese_search_finds_batchnorm(site, browser):
+    """The Chinese edition's search segments words with jieba and the glossary's terms, so a
+    query for 批归一化 (batch normalization) finds the BatchNorm chapter."""
+    context, external = browser
+    seen = len(external)
+    page, errors = _open(context, site + "zh/search.html?q=批归一化")
+    results = page.locator("#search-results ul.search li")
+    try:
+        results.first.wait_for(timeout=20_000)
+    except Exception:
+        pytest.fail(f"no search result for 批归一化 (screenshot: {_screenshot(page, 'zh/search')})")
+    hits = [results.nth(i).locator("a").first.get_attribute("href") for i in range(results.count())]
+    assert not errors and len(external) == seen, (errors, external[seen:])
+    assert any("chapters/batchnorm" in href for href in hits), hits
+    print(f"\nsearch: 批归一化 found on {len(hits)} page(s) of the Chinese edition")
     page.close()
 
 

@@ -1,0 +1,340 @@
+"""The book's editions: English (the source) and Chinese (its translation), built from one set of notebooks.
+
+The English notebooks are the only source of code and outputs. A Chinese page is its English
+page with each markdown cell replaced by the translation that ``i18n/zh/<page>.yml`` keeps for
+that cell, keyed by the cell's id, next to a hash of the English source it translates. Code
+cells and their stored outputs are copied unchanged, so every number, table and figure (and
+every glued number) is the one the English edition computed and nbval checked.
+
+    python i18n/editions.py build              # both editions: _build/html and _build/html/zh
+    python i18n/editions.py status [PAGE ...]  # cells with no translation or a stale one, with their English
+    python i18n/editions.py skeleton PAGE ...  # add an empty entry (zh: null) for each untranslated cell
+    python i18n/editions.py check [PAGE ...]   # translations that lost math, code, labels or references
+    python i18n/editions.py put PAGE CELL FILE # set a cell's translation from a file (and check it)
+    python i18n/editions.py stamp PAGE CELL    # after updating a stale translation: record the new English hash
+
+PAGE is a page's path without suffix, as in _toc.yml (``chapters/batchnorm``, ``index``).
+A markdown page (``.md``) is translated as one entry, keyed ``page``.
+"""
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LANG = "zh"
+TRANSLATIONS = ROOT / "i18n" / LANG
+BOOK_STRINGS = TRANSLATIONS / "_book.yml"
+BUILD = ROOT / "_build"
+SOURCE = BUILD / f"{LANG}-src"         # the generated Chinese book source (never committed)
+HTML = BUILD / "html"
+# Files and folders of the book's source that the Chinese build needs besides its pages.
+# normcode's source is there for the chapters' literalinclude directives.
+SHARED = ["references.bib", "_static", "_ext", "normcode"]
+
+
+def pages():
+    """The book's pages in _toc.yml order, as paths without suffix (root first)."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    found = [toc["root"]]
+    for part in toc.get("parts", []):
+        found += [c["file"] for c in part["chapters"]]
+    return found
+
+
+def page_file(page):
+    for suffix in (".ipynb", ".md"):
+        if (ROOT / (page + suffix)).exists():
+            return ROOT / (page + suffix)
+    raise FileNotFoundError(f"no .ipynb or .md for page {page!r}")
+
+
+def digest(text):
+    """The hash a translation records of the English it translates: sha256, 12 hex digits."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def english_units(page):
+    """{key: English source} for the page's translatable units, in page order."""
+    path = page_file(page)
+    if path.suffix == ".md":
+        return {"page": path.read_text()}
+    nb = json.loads(path.read_text())
+    return {c["id"]: "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"}
+
+
+def translation_path(page):
+    return TRANSLATIONS / (Path(page).name + ".yml")
+
+
+def load(page):
+    path = translation_path(page)
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str(dumper, text):
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def save(page, entries):
+    """Write a page's translations, one entry per unit in page order; text as YAML block scalars."""
+    for entry in entries.values():
+        if entry.get("zh"):
+            # A line with trailing spaces cannot be a YAML block scalar; markdown ignores them.
+            entry["zh"] = "\n".join(line.rstrip() for line in entry["zh"].split("\n"))
+    head = (f"# The Chinese translation of {page_file(page).relative_to(ROOT)}: one entry per "
+            "markdown cell, keyed by the cell's id.\n# source: the hash of the English it "
+            "translates (i18n/editions.py digest); zh: the translation.\n")
+    body = yaml.dump(entries, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=10_000)
+    translation_path(page).write_text(head + body)
+
+
+def problems(page):
+    """What keeps the page's translation from being current: [(key, why, English source)]."""
+    english, entries = english_units(page), load(page)
+    found = []
+    for key, text in english.items():
+        entry = entries.get(key)
+        if not entry or not entry.get("zh"):
+            found.append((key, "no translation", text))
+        elif entry.get("source") != digest(text):
+            found.append((key, "the English changed since it was translated", text))
+    found += [(key, "translates a cell the page no longer has", "") for key in entries if key not in english]
+    return found
+
+
+def book_strings():
+    return yaml.safe_load(BOOK_STRINGS.read_text())
+
+
+def _translate_notebook(page, entries):
+    nb = json.loads(page_file(page).read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            cell["source"] = entries[cell["id"]]["zh"]
+    return json.dumps(nb, ensure_ascii=False, indent=1) + "\n"
+
+
+def write_source():
+    """Write the Chinese book's source to _build/zh-src: translated pages, shared files, config."""
+    stale = [(page, key, why) for page in pages() for key, why, _ in problems(page)]
+    if stale:
+        raise SystemExit("the Chinese edition is not current (i18n/editions.py status shows the English):\n"
+                         + "\n".join(f"  {page} cell {key}: {why}" for page, key, why in stale))
+    strings = book_strings()
+    if SOURCE.exists():
+        shutil.rmtree(SOURCE)
+    SOURCE.mkdir(parents=True)
+    for name in SHARED:
+        src, dst = ROOT / name, SOURCE / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    for page in pages():
+        path, entries = page_file(page), load(page)
+        out = SOURCE / path.relative_to(ROOT)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(_translate_notebook(page, entries) if path.suffix == ".ipynb" else entries["page"]["zh"])
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    for part in toc.get("parts", []):
+        part["caption"] = strings["captions"][part["caption"]]
+    (SOURCE / "_toc.yml").write_text(yaml.safe_dump(toc, allow_unicode=True, sort_keys=False))
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    config["title"] = strings["title"]
+    config["author"] = strings["author"]
+    sphinx = config["sphinx"]["config"]
+    sphinx["language"] = "zh_CN"
+    # Sphinx's Chinese search splits words with jieba; the glossary's Chinese terms are added to
+    # its dictionary so that 批归一化 is indexed as one word (and, cut for search, as 归一化 too).
+    sphinx["html_search_language"] = "zh"
+    sphinx["html_search_options"] = {"dict": str(SOURCE / "search-terms.txt")}
+    sphinx["edition"] = {"lang": LANG, "other_lang": "en", "other_root": "../",
+                         "label": strings["switch"]}
+    (SOURCE / "_config.yml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    terms = sorted(glossary_terms_zh())
+    (SOURCE / "search-terms.txt").write_text("".join(f"{t} 1000 n\n" for t in terms))
+    return SOURCE
+
+
+def glossary():
+    """The glossary's entries as (English name, [Chinese names]), in file order.
+
+    An entry's first line is its English name; its further name lines with Chinese characters
+    are its Chinese names, the first of which is the one both editions use.
+    """
+    text = (ROOT / "chapters" / "glossary.md").read_text()
+    block = text.split("```{glossary}", 1)[1].split("\n```", 1)[0]
+    entries, names = [], []
+    for line in block.splitlines()[1:]:
+        if line.startswith(":"):
+            continue
+        if line.strip() and not line.startswith(" "):
+            names.append(line.strip())
+            continue
+        if names:                      # the definition (or the blank line) ends the names
+            english = [n for n in names if not _has_cjk(n)]
+            entries.append((english[0], [n for n in names if _has_cjk(n)]))
+            names = []
+    return entries
+
+
+def _has_cjk(text):
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def glossary_terms_zh():
+    """The glossary's Chinese names that are one word (jieba's dictionary cannot hold a space)."""
+    return {name for _, zh in glossary() for name in zh if " " not in name}
+
+
+# What a translation must carry over unchanged: math, code, labels, cross-reference targets,
+# glued numbers, citations, directives, links and images. (Link texts and {term} roles may be
+# translated: a Chinese glossary name resolves to the same entry.)
+_INVARIANTS = {
+    "math": re.compile(r"\$\$.+?\$\$|(?<![\\$])\$[^$\n]+?\$", re.DOTALL),
+    "label": re.compile(r"^\(([^)\s]+)\)=\s*$", re.MULTILINE),
+    "role target": re.compile(r"\{(glue(?::\w+)?|cite(?::\w+)?|ref|numref|doc|eq|download)\}`(?:[^`<]*<)?([^`>]+)>?`"),
+    "directive": re.compile(r"^\s*(?:```+|:::+)\s*\{([\w:-]+)\}(.*)$", re.MULTILINE),
+    "directive option": re.compile(r"^\s*:(name|label|width|align|class|alt|filter|style):(.*)$", re.MULTILINE),
+    "link target": re.compile(r"\]\(([^)\s]+)\)"),
+    "code": re.compile(r"(?<![`{}\w])`([^`\n]+)`(?!`)"),
+}
+
+
+_ANY_ROLE = re.compile(r"\{[\w:-]+\}`[^`]*`")
+
+
+def invariants(text, kinds=tuple(_INVARIANTS)):
+    """{kind: sorted list of what the text holds of it} for the parts a translation must keep."""
+    found = {}
+    without_roles = _ANY_ROLE.sub(" ", text)
+    for kind in kinds:
+        items = []
+        for match in _INVARIANTS[kind].finditer(without_roles if kind == "code" else text):
+            groups = [g for g in match.groups() if g is not None] or [match.group(0)]
+            items.append(" ".join(g.strip() for g in groups))
+        found[kind] = sorted(items)
+    return found
+
+
+def mismatches(english, chinese):
+    """How a translation's math, code and references differ from its English: [str]."""
+    en, zh = invariants(english), invariants(chinese)
+    out = []
+    for kind in _INVARIANTS:
+        if kind == "code":             # every English code span appears; more may be added
+            missing = sorted(set(en[kind]) - set(zh[kind]))
+            if missing:
+                out.append(f"{kind} missing: {missing}")
+        elif en[kind] != zh[kind]:
+            out.append(f"{kind} differs: only in English {sorted(set(en[kind]) - set(zh[kind]))}, "
+                       f"only in Chinese {sorted(set(zh[kind]) - set(en[kind]))}"
+                       + ("" if set(en[kind]) != set(zh[kind]) else " (counts differ)"))
+    return out
+
+
+def _jupyter_book():
+    exe = Path(sys.executable).with_name("jupyter-book")
+    return str(exe) if exe.exists() else shutil.which("jupyter-book")
+
+
+def build(flags=("-W", "-n", "--keep-going", "--all")):
+    """Build both editions side by side; return (exit status, combined log)."""
+    start = time.perf_counter()
+    write_source()
+    out = BUILD / f"{LANG}-out"
+    jobs = {
+        "en": subprocess.Popen([_jupyter_book(), "build", ".", *flags], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+        LANG: subprocess.Popen([_jupyter_book(), "build", str(SOURCE), "--path-output", str(out), *flags],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+    }
+    logs = {name: job.communicate()[0] for name, job in jobs.items()}
+    status = max(job.returncode for job in jobs.values())
+    if status == 0:
+        target = HTML / LANG
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(out / "_build" / "html", target)
+    log = "".join(f"===== {name} edition =====\n{text}" for name, text in logs.items())
+    log += f"both editions built in {time.perf_counter() - start:.1f} s (exit {status})\n"
+    return status, log
+
+
+def main(argv):
+    command, args = (argv[0], argv[1:]) if argv else ("build", [])
+    if command == "build":
+        status, log = build()
+        print(log, end="")
+        return status
+    if command == "status":
+        left = 0
+        for page in args or pages():
+            for key, why, text in problems(page):
+                left += 1
+                print(f"=== {page} cell {key}: {why}\n{text}\n")
+        print(f"{left} cell(s) to translate")
+        return 1 if left else 0
+    if command == "skeleton":
+        for page in args:
+            english, old = english_units(page), load(page)
+            entries = {k: old.get(k, {"source": digest(t), "zh": None}) for k, t in english.items()}
+            save(page, entries)
+            print(translation_path(page).relative_to(ROOT))
+        return 0
+    if command == "put":
+        page, key, file = args
+        entries, english = load(page), english_units(page)
+        if key not in english:
+            raise SystemExit(f"{page} has no markdown cell {key!r}")
+        text = Path(file).read_text().rstrip("\n")
+        if english[key].endswith("\n"):
+            text += "\n"
+        entries[key] = {"source": digest(english[key]), "zh": text}
+        save(page, {k: entries[k] for k in english if k in entries})
+        for why in mismatches(english[key], text):
+            print(f"{page} cell {key}: {why}")
+        return 0
+    if command == "stamp":
+        page, key = args
+        entries = load(page)
+        entries[key]["source"] = digest(english_units(page)[key])
+        save(page, entries)
+        return 0
+    if command == "check":
+        bad = 0
+        for page in args or pages():
+            english, entries = english_units(page), load(page)
+            for key, entry in entries.items():
+                if key in english and entry and entry.get("zh"):
+                    for why in mismatches(english[key], entry["zh"]):
+                        bad += 1
+                        print(f"{page} cell {key}: {why}")
+        print(f"{bad} problem(s)")
+        return 1 if bad else 0
+    if command == "source":
+        print(write_source())
+        return 0
+    raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
