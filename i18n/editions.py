@@ -209,7 +209,8 @@ def glossary_terms_zh():
 # glued numbers, citations, directives, links and images. (Link texts and {term} roles may be
 # translated: a Chinese glossary name resolves to the same entry.)
 _INVARIANTS = {
-    "math": re.compile(r"\$\$.+?\$\$|(?<![\\$])\$[^$\n]+?\$", re.DOTALL),
+    # Inline math may wrap onto a second line; a blank line ends a paragraph, and with it any span.
+    "math": re.compile(r"\$\$.+?\$\$|(?<![\\$])\$(?:[^$\n]|\n(?!\n))+?\$", re.DOTALL),
     "label": re.compile(r"^\(([^)\s]+)\)=\s*$", re.MULTILINE),
     "role target": re.compile(r"\{(glue(?::\w+)?|cite(?::\w+)?|ref|numref|doc|eq|download)\}`(?:[^`<]*<)?([^`>]+)>?`"),
     "directive": re.compile(r"^\s*(?:```+|:::+)\s*\{([\w:-]+)\}(.*)$", re.MULTILINE),
