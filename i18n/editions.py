@@ -10,11 +10,14 @@ every glued number) is the one the English edition computed and nbval checked.
     python i18n/editions.py status [PAGE ...]  # cells with no translation or a stale one, with their English
     python i18n/editions.py skeleton PAGE ...  # add an empty entry (zh: null) for each untranslated cell
     python i18n/editions.py check [PAGE ...]   # translations that lost math, code, labels or references
-    python i18n/editions.py put PAGE CELL FILE # set a cell's translation from a file (and check it)
+    python i18n/editions.py put PAGE CELL FILE [HASH]  # set a cell's translation from a file and check
+                                               # it; with the English HASH that status showed, refuse
+                                               # if the English has changed since
     python i18n/editions.py stamp PAGE CELL    # after updating a stale translation: record the new English hash
 
 PAGE is a page's path without suffix, as in _toc.yml (``chapters/batchnorm``, ``index``).
-A markdown page (``.md``) is translated as one entry, keyed ``page``.
+A markdown page (``.md``) is translated as one entry, keyed ``page``. A figure's caption (in its
+code cell's metadata) is an entry of its own, keyed ``<cell id>/caption``.
 """
 import hashlib
 import json
@@ -66,7 +69,23 @@ def english_units(page):
     if path.suffix == ".md":
         return {"page": path.read_text()}
     nb = json.loads(path.read_text())
-    return {c["id"]: "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"}
+    units = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            units[cell["id"]] = "".join(cell["source"])
+        caption = _caption(cell)
+        if caption is not None:
+            units[cell["id"] + CAPTION] = caption
+    return units
+
+
+# A figure's caption lives in its code cell's metadata (mystnb.figure.caption): it is prose,
+# translated like a markdown cell, under the key "<cell id>/caption".
+CAPTION = "/caption"
+
+
+def _caption(cell):
+    return cell.get("metadata", {}).get("mystnb", {}).get("figure", {}).get("caption")
 
 
 def translation_path(page):
@@ -126,6 +145,8 @@ def _translate_notebook(page, entries):
     for cell in nb["cells"]:
         if cell["cell_type"] == "markdown":
             cell["source"] = entries[cell["id"]]["zh"]
+        if _caption(cell) is not None:
+            cell["metadata"]["mystnb"]["figure"]["caption"] = entries[cell["id"] + CAPTION]["zh"]
     return json.dumps(nb, ensure_ascii=False, indent=1) + "\n"
 
 
@@ -200,6 +221,24 @@ def _has_cjk(text):
     return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
 
+def glossary_pairs():
+    """(English name, the Chinese name both editions use for it) for every English name that
+    the glossary follows with Chinese names (an entry may hold two terms: Pre-LN and Post-LN)."""
+    text = (ROOT / "chapters" / "glossary.md").read_text()
+    block = text.split("```{glossary}", 1)[1].split("\n```", 1)[0]
+    pairs, latin = [], None
+    for line in block.splitlines()[1:]:
+        name = line.strip()
+        if not name or line.startswith((" ", ":")):
+            latin = None
+        elif not _has_cjk(name):
+            latin = name
+        elif latin is not None:
+            pairs.append((latin, name))
+            latin = None
+    return pairs
+
+
 def glossary_terms_zh():
     """The glossary's Chinese names that are one word (jieba's dictionary cannot hold a space)."""
     return {name for _, zh in glossary() for name in zh if " " not in name}
@@ -216,7 +255,7 @@ _INVARIANTS = {
     "directive": re.compile(r"^\s*(?:```+|:::+)\s*\{([\w:-]+)\}(.*)$", re.MULTILINE),
     "directive option": re.compile(r"^\s*:(name|label|width|align|class|alt|filter|style):(.*)$", re.MULTILINE),
     "link target": re.compile(r"\]\(([^)\s]+)\)"),
-    "code": re.compile(r"(?<![`{}\w])`([^`\n]+)`(?!`)"),
+    "code": re.compile(r"(?<![`{}\w])`((?:[^`\n]|\n(?!\n))+)`(?!`)"),
 }
 
 
@@ -231,7 +270,7 @@ def invariants(text, kinds=tuple(_INVARIANTS)):
         items = []
         for match in _INVARIANTS[kind].finditer(without_roles if kind == "code" else text):
             groups = [g for g in match.groups() if g is not None] or [match.group(0)]
-            items.append(" ".join(g.strip() for g in groups))
+            items.append(" ".join(" ".join(g.split()) for g in groups))
         found[kind] = sorted(items)
     return found
 
@@ -291,7 +330,7 @@ def main(argv):
         for page in args or pages():
             for key, why, text in problems(page):
                 left += 1
-                print(f"=== {page} cell {key}: {why}\n{text}\n")
+                print(f"=== {page} cell {key} (English {digest(text)}): {why}\n{text}\n")
         print(f"{left} cell(s) to translate")
         return 1 if left else 0
     if command == "skeleton":
@@ -302,10 +341,13 @@ def main(argv):
             print(translation_path(page).relative_to(ROOT))
         return 0
     if command == "put":
-        page, key, file = args
+        page, key, file, *expect = args
         entries, english = load(page), english_units(page)
         if key not in english:
-            raise SystemExit(f"{page} has no markdown cell {key!r}")
+            raise SystemExit(f"{page} has no markdown cell or caption {key!r}")
+        if expect and expect[0] != digest(english[key]):
+            raise SystemExit(f"{page} cell {key}: the English changed since `status` showed it "
+                             f"({expect[0]}, now {digest(english[key])}); translate the new English")
         text = Path(file).read_text().rstrip("\n")
         if english[key].endswith("\n"):
             text += "\n"
