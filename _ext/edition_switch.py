@@ -23,8 +23,12 @@ def _add_switch(app, pagename, templatename, context, doctree):
     if not edition:
         return
     href = escape(_twin(app, pagename))
-    label = escape(edition["label"]["en"])
     here, there = edition["lang"], edition["other_lang"]
+    # "EN ⇄ 中文", the current edition's side in bold.
+    sides = [escape(side) for side in edition["label"]["en"].split(" ⇄ ")]
+    current = 0 if here == "en" else 1
+    sides[current] = f'<strong>{sides[current]}</strong>'
+    label = " ⇄ ".join(sides)
     title = "Read this page in Chinese" if here == "en" else "阅读本页的英文版"
     link = (f'<p class="edition-switch"><a href="{href}" hreflang="{there}" lang="{there}" '
             f'title="{title}">{label}</a></p>\n')
