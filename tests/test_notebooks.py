@@ -96,12 +96,23 @@ def test_typed_number_detector():
     assert found == ["4.7%", "2.5x", "10-fold", "3e-7"]
 
 
+def prose(nb):
+    """(index, cell, text) for each piece of prose a reader sees: every markdown cell, and every
+    figure caption (a code cell's metadata mystnb.figure.caption)."""
+    for i, c in enumerate(nb["cells"]):
+        if c["cell_type"] == "markdown":
+            yield i, c, source(c)
+        caption = c.get("metadata", {}).get("mystnb", {}).get("figure", {}).get("caption")
+        if caption:
+            yield i, c, caption
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_prose_numbers_are_glued_or_declared(path):
     undeclared = []
-    for i, c in cells(load(path), "markdown"):
+    for i, c, text in prose(load(path)):
         declared = c.get("metadata", {}).get("typed-numbers", {})
-        for number in typed_numbers(source(c)):
+        for number in typed_numbers(text):
             if number not in declared:
                 undeclared.append(f"cell {i}: {number}")
     assert not undeclared, (
@@ -114,8 +125,8 @@ def test_prose_numbers_are_glued_or_declared(path):
 def test_declared_numbers_are_still_there(path):
     """A declaration outlives its number only by mistake."""
     stale = []
-    for i, c in cells(load(path), "markdown"):
-        present = set(typed_numbers(source(c)))
+    for i, c, text in prose(load(path)):
+        present = set(typed_numbers(text))
         stale += [f"cell {i}: {n}" for n in c.get("metadata", {}).get("typed-numbers", {})
                   if n not in present]
     assert not stale, f"declared typed numbers no longer in the cell: {stale}"
@@ -127,5 +138,5 @@ def test_glued_keys_exist(path):
     nb = load(path)
     glued = {o.get("metadata", {}).get("scrapbook", {}).get("name")
              for _, c in cells(nb, "code") for o in c.get("outputs", [])}
-    used = {key for _, c in cells(nb, "markdown") for key in _GLUE_ROLE.findall(source(c))}
+    used = {key for _, _, text in prose(nb) for key in _GLUE_ROLE.findall(text)}
     assert used <= glued, f"glue keys used but never glued: {sorted(used - glued)}"
