@@ -171,8 +171,19 @@ def _affine(x_hat, weight, bias, shape):
     return x_hat
 
 
+def _scale_and_offset(centre, r, weight, bias, shape):
+    """``(scale, offset)`` with ``(d - centre) r gamma + beta = d scale + offset``:
+    ``scale = r gamma``, ``offset = beta - centre scale``, per statistics set (either parameter
+    may be None). For the norms whose sets are per sample: their output as one multiply-add of
+    the shifted input, whose backward sums per (sample, channel), the sums that the sets' and
+    the parameters' gradients both need (under torch.compile, one pass)."""
+    scale = r if weight is None else r * weight.to(r.dtype).reshape(shape)
+    offset = -centre * scale
+    return scale, (offset if bias is None else offset + bias.to(r.dtype).reshape(shape))
+
+
 def _per_channel(group_statistic, input):
-    """A per-group statistic (N, G, 1) repeated for each group's channels: (N, C, 1, ...)."""
+    """A per-group statistic (N, G, 1, ...) repeated for each group's channels: (N, C, 1, ...)."""
     N, G = group_statistic.shape[:2]
     C = input.shape[1]
     repeated = group_statistic.reshape(N, G, 1).expand(N, G, C // G)

@@ -10,11 +10,15 @@ InstanceNorm2d, GroupNorm(1, C) or BatchNorm2d exactly) and by gradcheck.
     w = \mathrm{softmax}(\text{mean\_weight}), \; w' = \mathrm{softmax}(\text{var\_weight}),
     \quad y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
-with k over (in, ln, bn) for SwitchNorm2d and (ln, bn) for SwitchNorm1d. Every statistic is
-computed directly on its own statistics set through :func:`normcode.statistics_view` and
-the shared ``normcode.functional._moments`` (three reductions, no cancellation): the paper derives the LN and BN
-moments from the IN ones (``E[var + mu^2] - mean^2``), which is the same number in exact
-arithmetic but cancels in floating point when the mean is large.
+with k over (in, ln, bn) for SwitchNorm2d and (ln, bn) for SwitchNorm1d. As in the paper, the
+IN statistics are computed once, by ``normcode.functional._shifted_sums`` (one pass over the
+input where it is computed wider, as every norm's), and the LN and BN statistics are derived
+from them, an LN or BN set being a union of IN sets. Not by the paper's
+``mean(var_in + mu_in^2) - mu^2``, which is the same number in exact arithmetic but cancels in
+floating point when the mean is large: by the law of total variance, with every instance mean
+taken relative to one element of the union (:func:`_pooled`), so that no term is large. The
+output is then one multiply-add of the shifted input with a scale and an offset per (sample,
+channel).
 
 Choices where the paper, the authors' code and torch.nn leave room (each is tested):
 
@@ -45,36 +49,83 @@ from torch import nn
 from . import _checks as check
 from .modules import _Layer, _register_running_stats, _reset_running_stats, momentum_factor
 from ._axes import statistics_set
-from .functional import (_affine, _channel_shape, _compute_dtype, _exponential_update_,
-                         _inverse_std, _moments, _running_moments)
+from .functional import (_channel_shape, _compute_dtype, _computes_wider, _exponential_update_,
+                         _inverse_std, _running_moments, _scale_and_offset, _shifted_sums)
 
 #: The statistics each module mixes, in the order of its ``mean_weight`` and ``var_weight``.
 PARTS = {"SwitchNorm2d": ("instance", "layer", "batch"), "SwitchNorm1d": ("layer", "batch")}
 
 
-def switchable_moments(x, parts, unbiased_instance_var=False):
-    """``{part: (mean, var)}`` for each norm in ``parts``, each broadcastable against ``x``.
+def _instance_moments(x, exact_terms):
+    """``(shift, mean_d, var)`` per (sample, channel), each ``(N, C, 1, ...)``: the instance mean
+    is ``shift + mean_d`` (``shift`` one element of the set, outside autograd; see
+    ``normcode.functional._shifted_sums``, which computes them), the variance biased. For an
+    ``(N, C)`` input each set is one value: its mean is the value, its variance 0."""
+    if x.dim() == 2:
+        shift = x.detach()
+        return shift, x - shift, torch.zeros_like(x)
+    view, dims, L = statistics_set(x, "instance")
+    shift, mean_d, m2 = _shifted_sums(view, dims, L, None, exact_terms)
+    return shift, mean_d, m2 / L
 
-    ``x`` is ``(N, C, *)``. Variances are biased, except with ``unbiased_instance_var``, which
-    reproduces the authors' code: var_in * L / (L - 1), and the LN and BN variances they derive
-    from it, ``mean(var_in + mu_in^2) - mu^2``, which exceed the direct ones by the average
-    biased IN variance over (L - 1). The excess is added here, without the cancelling form.
+
+def _pooled(shift, mean_d, var, over):
+    r"""The moments of the union of the instance sets along dim ``over`` (LN's: over the
+    channels, dim 1; BN's: over the samples, dim 0), from theirs: ``(ref, m, var)``, the mean
+    being ``ref + m``.
+
+    .. math:: \mu = \operatorname{mean} \mu_{\text{in}}, \qquad
+              \sigma^2 = \operatorname{mean} \sigma^2_{\text{in}}
+                        + \operatorname{mean} (\mu_{\text{in}} - \mu)^2
+
+    The law of total variance: the paper's :math:`\operatorname{mean}(\sigma^2_{\text{in}} +
+    \mu_{\text{in}}^2) - \mu^2` rearranged so that nothing cancels. The instance means are taken
+    relative to ``ref``, the shift of the union's first set (one element of the union), so
+    every term is small however large the mean is.
     """
-    moments, counts = {}, {}
-    for part in parts:
-        options = {"normalized_ndim": x.dim() - 1} if part == "layer" else {}
-        view, dims, counts[part] = statistics_set(x, part, **options)
-        moments[part] = _moments(view, dims)     # (N, C, 1..), (N, 1, 1..) or (1, C, 1..)
+    ref = shift.narrow(over, 0, 1)
+    a = (shift - ref) + mean_d                   # each instance mean less ref
+    m = a.mean(over, keepdim=True)
+    between = (a - m).square().mean(over, keepdim=True)
+    return ref, m, var.mean(over, keepdim=True) + between
+
+
+def _switchable_parts(x, parts, unbiased_instance_var=False, exact_terms=False):
+    """``(shift, {part: (ref, m, var)}, var_bn)``: the instance statistics once, in one pass over
+    ``x`` where ``exact_terms`` (see ``normcode.functional._shifted_sums``), the LN and BN
+    statistics from them (:func:`_pooled`); each mean is ``ref + m``. ``var_bn`` is the biased BN
+    variance (None without the batch part), the running estimates' whatever
+    ``unbiased_instance_var`` says."""
+    shift, mean_d, var_in = _instance_moments(x, exact_terms)
+    moments = {"instance": (shift, mean_d, var_in)}
+    for part, over in (("layer", 1), ("batch", 0)):
+        if part in parts:
+            moments[part] = _pooled(shift, mean_d, var_in, over)
+    var_bn = moments["batch"][2] if "batch" in parts else None
     if unbiased_instance_var:
-        L = counts["instance"]
-        _, var_in = moments["instance"]          # biased, (N, C, 1, ...)
-        excess = var_in / (L - 1)
+        # The authors' var_in * L / (L - 1), and the LN and BN variances they derive from it,
+        # which exceed the biased ones by the average biased IN variance over (L - 1).
+        excess = var_in / (statistics_set(x, "instance").count - 1)
         for part, over in (("instance", None), ("layer", 1), ("batch", 0)):
             if part in moments:
-                mean, var = moments[part]
+                ref, m, var = moments[part]
                 extra = excess if over is None else excess.mean(over, keepdim=True)
-                moments[part] = (mean, var + extra)
-    return moments
+                moments[part] = (ref, m, var + extra)
+    return shift, {part: moments[part] for part in parts}, var_bn
+
+
+def switchable_moments(x, parts, unbiased_instance_var=False, exact_terms=False):
+    """``{part: (mean, var)}`` for each norm in ``parts``, each broadcastable against ``x``.
+
+    ``x`` is ``(N, C, *)``. The instance moments are computed once, and the LN and BN ones
+    from them (:func:`_pooled`), as the paper does, without its cancelling form. Variances are
+    biased, except with ``unbiased_instance_var``, which reproduces the authors' code:
+    var_in * L / (L - 1), and the LN and BN variances they derive from it, which exceed the
+    biased ones by the average biased IN variance over (L - 1). ``exact_terms``: ``x`` is a
+    wider copy of its input, and the instance sums take one pass.
+    """
+    _, moments, _ = _switchable_parts(x, parts, unbiased_instance_var, exact_terms)
+    return {part: (ref + m, var) for part, (ref, m, var) in moments.items()}
 
 
 def _plain_average_update_(running_mean, running_var, mean, var, n, k):
@@ -108,27 +159,41 @@ def switch_norm(input, mean_weight, var_weight, running_mean=None, running_var=N
     x = input.to(_compute_dtype(input))
     use_batch_stats = "batch" in parts and training
     computed = [p for p in parts if p != "batch" or use_batch_stats]
-    moments = switchable_moments(x, computed, unbiased_instance_var)
+    shift, moments, var_bn = _switchable_parts(x, computed, unbiased_instance_var,
+                                               _computes_wider(x, input))
     if use_batch_stats and running_mean is not None and running_var is not None:
-        # The running variance is BatchNorm's unbiased one, whatever unbiased_instance_var says.
-        mean_bn, var_bn = (switchable_moments(x, ("batch",))["batch"] if unbiased_instance_var
-                           else moments["batch"])
+        ref, m, _ = moments["batch"]
         n = statistics_set(x, "batch").count
         if moving_average:                                # BatchNorm's update, shared with it
-            _exponential_update_(running_mean, running_var, mean_bn, var_bn, n,
+            _exponential_update_(running_mean, running_var, ref + m, var_bn, n,
                                  momentum_factor(momentum, num_batches_tracked))
         else:
-            _plain_average_update_(running_mean, running_var, mean_bn, var_bn, n,
+            _plain_average_update_(running_mean, running_var, ref + m, var_bn, n,
                                    int(num_batches_tracked))
     elif "batch" in parts and not training:
-        moments["batch"] = _running_moments(running_mean, running_var, x)
+        mean_bn, var_bn = _running_moments(running_mean, running_var, x)
+        moments["batch"] = (mean_bn, None, var_bn)
 
     w = torch.softmax(mean_weight.to(x.dtype), 0)
     w_var = torch.softmax(var_weight.to(x.dtype), 0)
-    mean = sum(w[k] * moments[p][0] for k, p in enumerate(parts))     # broadcasts to (N, C, 1, ...)
-    var = sum(w_var[k] * moments[p][1] for k, p in enumerate(parts))
-    x_hat = (x - mean) * _inverse_std(var, eps, "switch_norm")
-    return _affine(x_hat, weight, bias, _channel_shape(input)).to(input.dtype)
+    # The mixed mean less the shift, (N, C, 1, ...): every term small (for the running mean,
+    # as small as its distance from the data).
+    delta = sum(w[k] * _less(moments[p][:2], shift, p == "instance") for k, p in enumerate(parts))
+    var = sum(w_var[k] * moments[p][2] for k, p in enumerate(parts))
+    # y = (x - shift - delta) r gamma + beta, as one multiply-add of the shifted input with a
+    # scale and an offset per (sample, channel): under torch.compile its backward then sums
+    # per (sample, channel) only, in the same pass as the statistics' own sums.
+    scale, offset = _scale_and_offset(delta, _inverse_std(var, eps, "switch_norm"), weight, bias,
+                                      _channel_shape(input))
+    return torch.addcmul(offset, x - shift, scale).to(input.dtype)
+
+
+def _less(mean, shift, instance):
+    """A mean given as ``(ref, m)`` (``m`` may be None), less ``shift``."""
+    ref, m = mean
+    if instance:                     # ref is the shift itself
+        return m
+    return ref - shift if m is None else (ref - shift) + m
 
 
 def _check(input, mean_weight, var_weight, running_mean, running_var, weight, bias, training,
