@@ -181,6 +181,23 @@ def test_statistics_are_shift_invariant_at_large_means():
     assert unstable > 1e-4
 
 
+@pytest.mark.parametrize("dtype, rtol", [(F64, 1e-12), (torch.float32, 1e-6)])
+def test_ln_and_bn_moments_derived_from_the_instance_ones_do_not_cancel(dtype, rtol):
+    """The LN and BN moments come from the IN ones by the law of total variance, every mean
+    taken relative to one element of its set: at a mean of 1e6 the variances are as accurate
+    as the dtype allows (the paper's E[var + mu^2] - mu^2 would lose them entirely in float32),
+    in float32 too (the same-width formulation, normcode's on CUDA)."""
+    x = _x((4, 3, 5, 5), std=1.0, mean=1e6).to(dtype)
+    moments = normcode.switchable.switchable_moments(x, ("instance", "layer", "batch"))
+    for part, dims in (("instance", (2, 3)), ("layer", (1, 2, 3)), ("batch", (0, 2, 3))):
+        mean, var = (t.double() for t in moments[part])
+        exact_mean = x.double().mean(dims, keepdim=True)
+        # two passes in float64: torch.var in float64 is off by about 1e-10 (relative) here
+        exact_var = ((x.double() - exact_mean) ** 2).mean(dims, keepdim=True)
+        torch.testing.assert_close(var, exact_var, rtol=rtol, atol=0)
+        torch.testing.assert_close(mean, exact_mean, rtol=rtol / 10, atol=0)
+
+
 def test_float32_input_is_computed_in_float64():
     m32 = normcode.SwitchNorm2d(3)
     x = _x((4, 3, 4, 4)).float()
