@@ -26,8 +26,8 @@ def statistics_view(x, norm, *, num_groups=None, normalized_ndim=None):
 
     Two elements of ``view`` share one mean and variance exactly when their indices agree on
     every dim not in ``dims``. ``view`` is ``x`` itself for every norm but GroupNorm, whose
-    (N, G, C//G * prod(spatial)) reshape is a view of a contiguous ``x`` and a copy of a
-    channels_last one (its groups are then not contiguous in memory).
+    channel dim is split into (G, C//G): ``(N, G, C//G, *spatial)``, a view of ``x`` in any
+    memory layout, each group reduced over its channels and every position.
     """
     if norm == "batch":                       # one statistic per channel
         return x, (0, *range(2, x.dim()))
@@ -40,8 +40,8 @@ def statistics_view(x, norm, *, num_groups=None, normalized_ndim=None):
     if norm == "group":                       # one per (sample, group)
         if num_groups is None:
             raise TypeError("norm 'group' needs num_groups")
-        group_size = x.shape[1] // num_groups * math.prod(x.shape[2:])   # spelled out: N may be 0
-        return x.reshape(x.shape[0], num_groups, group_size), (2,)      # (N, G, C//G * prod(spatial))
+        view = x.unflatten(1, (num_groups, x.shape[1] // num_groups))   # (N, G, C//G, *spatial)
+        return view, tuple(range(2, view.dim()))
     raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(NORMS)}")
 
 

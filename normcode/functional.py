@@ -337,15 +337,18 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """
     check.group_norm(input, num_groups, weight, bias)
     x = input.to(_compute_dtype(input))
-    view, dims, M = statistics_set(x, "group", num_groups=num_groups)   # (N, G, C//G * prod(spatial))
+    view, dims, M = statistics_set(x, "group", num_groups=num_groups)   # (N, G, C//G, *spatial)
     shift, mean_d, m2 = _shifted_sums(view, dims, M, None, _computes_wider(x, input))
     r = _inverse_std(m2 / M, eps, "group_norm")
-    # Each group's statistics repeated for its C // G channels, (N, G, 1) -> (N, C, 1, ...), so
-    # that the normalization reads x in its own layout: through the grouped view, torch.compile
-    # indexes every element with a division and a remainder and cannot vectorize the loop.
+    # Each group's statistics repeated for its C // G channels, (N, C, 1, ...), and the output
+    # as one multiply-add per (sample, channel): (x - own) scale + offset, ``own`` being one
+    # element of each channel (its distance to the group's shift is small). Under torch.compile
+    # the backward then takes the per-(sample, channel) sums of dy and dy (x - own) in one
+    # pass, for the groups' sums and the parameters' gradients alike.
     shift, mean_d, r = (_per_channel(s, input) for s in (shift, mean_d, r))
-    x_hat = ((x - shift) - mean_d) * r
-    y = _affine(x_hat, weight, bias, _channel_shape(input)).to(input.dtype)
+    own = _shift(x, tuple(range(2, x.dim())))
+    scale, offset = _scale_and_offset((shift - own) + mean_d, r, weight, bias, _channel_shape(input))
+    y = torch.addcmul(offset, x - own, scale).to(input.dtype)
     return _in_layout_of(y, input)            # channels_last stays channels_last, as in torch
 
 

@@ -91,7 +91,7 @@ class _Plan(NamedTuple):
         return statistics_view(x, self.norm, **self.view_options)
 
     def per_channel(self, statistic, input):
-        """A statistic shaped for the view, shaped for the input: GroupNorm's (N, G, 1) repeated
+        """A statistic shaped for the view, shaped for the input: GroupNorm's (N, G, 1, ...) repeated
         for each group's channels, (N, C, 1, ...); the others' views are the input already."""
         if statistic is None or self.norm != "group":
             return statistic

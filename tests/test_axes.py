@@ -53,3 +53,13 @@ def test_statistics_sets_match_torch_jacobian(case):
 
 def test_every_norm_is_checked():
     assert {norm for norm, *_ in CASES.values()} == set(normcode._axes.NORMS)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_view_is_a_view_in_any_layout(layout):
+    """GroupNorm's view splits the channel dim, (N, G, C//G, H, W): no copy, channels_last too."""
+    x = torch.randn(2, 6, 3, 4)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    view, dims = normcode.statistics_view(x, "group", num_groups=3)
+    assert view.shape == (2, 3, 2, 3, 4) and dims == (2, 3, 4)
+    assert view.data_ptr() == x.data_ptr() and view._base is x
