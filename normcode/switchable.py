@@ -16,7 +16,7 @@ input where it is computed wider, as every norm's), and the LN and BN statistics
 from them, an LN or BN set being a union of IN sets. Not by the paper's
 ``mean(var_in + mu_in^2) - mu^2``, which is the same number in exact arithmetic but cancels in
 floating point when the mean is large: by the law of total variance, with every instance mean
-taken relative to one element of the union (:func:`_pooled`), so that no term is large. The
+taken relative to one element of the union (``_pooled``), so that no term is large. The
 output is then one multiply-add of the shifted input with a scale and an offset per (sample,
 channel).
 
@@ -93,7 +93,7 @@ def _pooled(shift, mean_d, var, over):
 def _switchable_parts(x, parts, unbiased_instance_var=False, exact_terms=False):
     """``(shift, {part: (ref, m, var)}, var_bn)``: the instance statistics once, in one pass over
     ``x`` where ``exact_terms`` (see ``normcode.functional._shifted_sums``), the LN and BN
-    statistics from them (:func:`_pooled`); each mean is ``ref + m``. ``var_bn`` is the biased BN
+    statistics from them (``_pooled``); each mean is ``ref + m``. ``var_bn`` is the biased BN
     variance (None without the batch part), the running estimates' whatever
     ``unbiased_instance_var`` says."""
     shift, mean_d, var_in = _instance_moments(x, exact_terms)
@@ -118,7 +118,7 @@ def switchable_moments(x, parts, unbiased_instance_var=False, exact_terms=False)
     """``{part: (mean, var)}`` for each norm in ``parts``, each broadcastable against ``x``.
 
     ``x`` is ``(N, C, *)``. The instance moments are computed once, and the LN and BN ones
-    from them (:func:`_pooled`), as the paper does, without its cancelling form. Variances are
+    from them (``_pooled``), as the paper does, without its cancelling form. Variances are
     biased, except with ``unbiased_instance_var``, which reproduces the authors' code:
     var_in * L / (L - 1), and the LN and BN variances they derive from it, which exceed the
     biased ones by the average biased IN variance over (L - 1). ``exact_terms``: ``x`` is a
