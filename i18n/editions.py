@@ -313,7 +313,7 @@ def build(flags=("-W", "-n", "--keep-going", "--all")):
         target = HTML / LANG
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(out / "_build" / "html", target)
+        (out / "_build" / "html").rename(target)      # same file system: a rename, not a copy
     log = "".join(f"===== {name} edition =====\n{text}" for name, text in logs.items())
     log += f"both editions built in {time.perf_counter() - start:.1f} s (exit {status})\n"
     return status, log
