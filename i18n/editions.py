@@ -195,14 +195,24 @@ def write_source():
     return SOURCE
 
 
+def _glossary_block(text):
+    """The body of the ```{glossary} directive of a glossary page's text."""
+    return text.split("```{glossary}", 1)[1].split("\n```", 1)[0]
+
+
+def glossary_names(text):
+    """The term-name lines (unindented, not options) of a glossary page's text, in order."""
+    return [line for line in _glossary_block(text).splitlines()
+            if line.strip() and not line.startswith((" ", ":"))]
+
+
 def glossary():
     """The glossary's entries as (English name, [Chinese names]), in file order.
 
     An entry's first line is its English name; its further name lines with Chinese characters
     are its Chinese names, the first of which is the one both editions use.
     """
-    text = (ROOT / "chapters" / "glossary.md").read_text()
-    block = text.split("```{glossary}", 1)[1].split("\n```", 1)[0]
+    block = _glossary_block((ROOT / "chapters" / "glossary.md").read_text())
     entries, names = [], []
     for line in block.splitlines()[1:]:
         if line.startswith(":"):
@@ -224,8 +234,7 @@ def _has_cjk(text):
 def glossary_pairs():
     """(English name, the Chinese name both editions use for it) for every English name that
     the glossary follows with Chinese names (an entry may hold two terms: Pre-LN and Post-LN)."""
-    text = (ROOT / "chapters" / "glossary.md").read_text()
-    block = text.split("```{glossary}", 1)[1].split("\n```", 1)[0]
+    block = _glossary_block((ROOT / "chapters" / "glossary.md").read_text())
     pairs, latin = [], None
     for line in block.splitlines()[1:]:
         name = line.strip()

@@ -241,38 +241,34 @@ def test_every_page_renders_offline(site, browser):
     assert formulas > 0, "no formula was typeset anywhere: is MathJax loaded?"
 
 
-def test_search_finds_momentum(site, browser):
+def _search(site, browser, edition, query):
+    """The result links of the edition's search page for ``query`` (the edition's root: "" or
+    "zh/"), failing on no result, a console error or a request leaving the book."""
     context, external = browser
     seen = len(external)
-    page, errors = _open(context, site + "search.html?q=momentum")
+    page, errors = _open(context, f"{site}{edition}search.html?q={query}")
     results = page.locator("#search-results ul.search li")
     try:
         results.first.wait_for(timeout=20_000)
     except Exception:
-        pytest.fail(f"no search result for 'momentum' (screenshot: {_screenshot(page, 'search')})")
+        pytest.fail(f"no search result for {query!r} (screenshot: {_screenshot(page, edition + 'search')})")
     hits = [results.nth(i).locator("a").first.get_attribute("href") for i in range(results.count())]
-    assert not errors and len(external) == seen, (errors, external[seen:])
-    assert any("glossary" in href for href in hits), hits
-    print(f"\nsearch: 'momentum' found on {len(hits)} page(s)")
     page.close()
+    assert not errors and len(external) == seen, (errors, external[seen:])
+    print(f"\nsearch {edition or 'en/'}: {query!r} found on {len(hits)} page(s)")
+    return hits
+
+
+def test_search_finds_momentum(site, browser):
+    hits = _search(site, browser, "", "momentum")
+    assert any("glossary" in href for href in hits), hits
 
 
 def test_chinese_search_finds_batchnorm(site, browser):
     """The Chinese edition's search segments words with jieba and the glossary's terms, so a
     query for 批归一化 (batch normalization) finds the BatchNorm chapter."""
-    context, external = browser
-    seen = len(external)
-    page, errors = _open(context, site + "zh/search.html?q=批归一化")
-    results = page.locator("#search-results ul.search li")
-    try:
-        results.first.wait_for(timeout=20_000)
-    except Exception:
-        pytest.fail(f"no search result for 批归一化 (screenshot: {_screenshot(page, 'zh/search')})")
-    hits = [results.nth(i).locator("a").first.get_attribute("href") for i in range(results.count())]
-    assert not errors and len(external) == seen, (errors, external[seen:])
+    hits = _search(site, browser, "zh/", "批归一化")
     assert any("chapters/batchnorm" in href for href in hits), hits
-    print(f"\nsearch: 批归一化 found on {len(hits)} page(s) of the Chinese edition")
-    page.close()
 
 
 def _api_names():
