@@ -128,9 +128,11 @@ def _moments(x, dims, count=None, where=None):
 def _centred_moments(x, dims, count, exact_terms):
     """``(centred, mean, var)`` over ``dims``: the values less their mean, and the moments.
 
-    What every norm with batch statistics calls. ``centred`` is ``(x - shift) - mean_d``: the
-    mean is never rounded to ``x``'s format before it is subtracted (in float32, a mean of 1e6
-    would carry an error of 0.03). ``exact_terms``: one pass (see :func:`_shifted_sums`)."""
+    What BatchNorm, LayerNorm and batch renormalization call (GroupNorm and InstanceNorm write
+    their output as a multiply-add of the shifted input, :func:`_scale_and_offset`).
+    ``centred`` is ``(x - shift) - mean_d``: the mean is never rounded to ``x``'s format before
+    it is subtracted (in float32, a mean of 1e6 would carry an error of 0.03). ``exact_terms``:
+    one pass (see :func:`_shifted_sums`)."""
     shift, mean_d, m2 = _shifted_sums(x, dims, count, None, exact_terms)
     return (x - shift) - mean_d, shift + mean_d, m2 / count
 
@@ -290,17 +292,23 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     x = input.to(_compute_dtype(input))
     if use_input_stats:
         view, dims, L = statistics_set(x, "instance")
-        centred, mean, var = _centred_moments(view, dims, L, _computes_wider(x, input))  # (N, C, 1, ...)
+        own, centre, m2 = _shifted_sums(view, dims, L, None, _computes_wider(x, input))  # (N, C, 1, ...)
+        var = m2 / L
         if input.numel() > 0:
             # The batch's average of per-instance means and variances, each over L positions.
             N_C = input.shape[:2]
-            _exponential_update_(running_mean, running_var, mean.reshape(N_C).mean(0),
+            _exponential_update_(running_mean, running_var, (own + centre).reshape(N_C).mean(0),
                                  var.reshape(N_C).mean(0), L, momentum)
     else:
-        mean, var = _running_moments(running_mean, running_var, x)
-        centred = x - mean
-    x_hat = centred * _inverse_std(var, eps, "instance_norm", constant_is_zero=use_input_stats)
-    y = _affine(x_hat, weight, bias, _channel_shape(input))
+        own, var = _running_moments(running_mean, running_var, x)      # (1, C, 1, ...)
+        centre = torch.zeros_like(own)
+    r = _inverse_std(var, eps, "instance_norm", constant_is_zero=use_input_stats)
+    # The output as one multiply-add per (sample, channel), (x - own) scale + offset: ``own`` is
+    # one element of each instance (or the running mean) and ``centre`` the mean less ``own``.
+    # Under torch.compile the backward then takes the per-(sample, channel) sums of dy and
+    # dy (x - own) in one pass, for the statistics' and the parameters' gradients alike.
+    scale, offset = _scale_and_offset(centre, r, weight, bias, _channel_shape(input))
+    y = torch.addcmul(offset, x - own, scale)
     return y.to(input.dtype).contiguous()     # torch returns instance norm contiguous, always
 
 
