@@ -186,6 +186,7 @@ def write_source():
     # Sphinx's Chinese search splits words with jieba; the glossary's Chinese terms are added to
     # its dictionary so that 批归一化 is indexed as one word (and, cut for search, as 归一化 too).
     sphinx["html_search_language"] = "zh"
+    sphinx["extensions"] = sphinx["extensions"] + ["zh_search"]      # _ext/zh_search.py
     sphinx["html_search_options"] = {"dict": str(SOURCE / "search-terms.txt")}
     sphinx["edition"] = {"lang": LANG, "other_lang": "en", "other_root": "../",
                          "label": strings["switch"]}
