@@ -26,6 +26,7 @@ recomputes :math:`\hat{x}` from the saved input and takes two sums per set. It r
 on its own temporaries; when autograd records it (``create_graph=True``, double backward) it
 is written in differentiable torch operations instead, so that it has a derivative of its own.
 """
+import contextlib
 import math
 from typing import Callable, NamedTuple, Optional
 
@@ -44,7 +45,30 @@ from .functional import local_response_norm as _local_response_norm
 from .functional import rms_norm as _rms_norm
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm",
-           "local_response_norm", "standardize_backward", "saved_bytes"]
+           "local_response_norm", "enabled", "standardize_backward", "saved_bytes"]
+
+_enabled = False
+
+
+@contextlib.contextmanager
+def enabled(on=True):
+    """Within this block normcode's layers compute with this module's functions: the same
+    forward, the hand-written backward.
+
+    ``BatchNorm*d``, ``InstanceNorm*d``, ``LayerNorm``, ``GroupNorm``, ``RMSNorm`` and
+    ``LocalResponseNorm`` call :mod:`normcode.functional`, whose backward autograd records
+    operation by operation. Inside ``with normcode.manual.enabled():`` they call their
+    namesakes here instead, in eager mode: a layer that ``torch.compile`` is tracing keeps
+    :mod:`normcode.functional`, which inductor fuses. Direct calls to
+    :mod:`normcode.functional` are unchanged. Like torch's backend flags it is one switch for
+    the process, not per thread; ``enabled(False)`` turns it off inside an enabled block.
+    """
+    global _enabled
+    before, _enabled = _enabled, on
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def standardize_backward(g, x_hat, r, dims, centre=True):

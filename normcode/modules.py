@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from . import functional as F
+from . import manual
 
+
+
+def _functions():
+    """The functions a layer computes with: :mod:`normcode.functional`, or within
+    :func:`normcode.manual.enabled` (in eager mode) :mod:`normcode.manual`'s namesakes."""
+    return manual if manual._enabled and not torch.compiler.is_compiling() else F
 
 def _register_affine(module, shape, weight, bias, factory):
     """Register gamma (``weight``) and beta (``bias``) of ``shape``, or None where switched off."""
@@ -137,8 +144,8 @@ class _BatchNorm(_NormBase):
     def forward(self, input):
         self._check_input_dim(input)
         running_mean, running_var, training, momentum = self._batch_norm_arguments()
-        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
-                            momentum, self.eps)
+        return _functions().batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                       training, momentum, self.eps)
 
 
 def _expect_dims(input, accepted, words):
@@ -222,7 +229,7 @@ class _InstanceNorm(_NormBase):
                           "which is not used because affine=False", stacklevel=2)
         unbatched = input.dim() == self._no_batch_dim
         x = input.unsqueeze(0) if unbatched else input
-        y = F.instance_norm(
+        y = _functions().instance_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias,
             self.training or not self.track_running_stats,
             # torch.nn passes momentum=None as 0.0: the running estimates then never move.
@@ -283,7 +290,8 @@ class LayerNorm(_Layer):
         self.reset_parameters()
 
     def forward(self, input):
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return _functions().layer_norm(input, self.normalized_shape, self.weight, self.bias,
+                                       self.eps)
 
 
 class GroupNorm(_Layer):
@@ -309,7 +317,7 @@ class GroupNorm(_Layer):
         self.reset_parameters()
 
     def forward(self, input):
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return _functions().group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(_Layer):
@@ -331,7 +339,7 @@ class RMSNorm(_Layer):
         self.reset_parameters()
 
     def forward(self, input):
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return _functions().rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
 class LocalResponseNorm(_Layer):
@@ -346,4 +354,5 @@ class LocalResponseNorm(_Layer):
         self._keep(size=size, alpha=alpha, beta=beta, k=k)
 
     def forward(self, input):
-        return F.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
+        return _functions().local_response_norm(input, self.size, self.alpha, self.beta,
+                                                self.k)

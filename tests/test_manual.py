@@ -9,7 +9,6 @@ the hand-written backward against finite differences, and its own derivative.
 import copy
 import re
 from typing import Callable, NamedTuple, Optional
-from unittest import mock
 
 import pytest
 import torch
@@ -200,19 +199,47 @@ MODULES = {
     "GroupNorm": (lambda m: m.GroupNorm(2, 6), (4, 6, 3)),
     "RMSNorm": (lambda m: m.RMSNorm([5]), (6, 5)),
 }
-MANUAL_NAMES = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm",
-                "local_response_norm"]
 
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("case", MODULES)
 def test_drop_in_for_normcode_modules(case, train):
     make, shape = MODULES[case]
-    swapped = {name: getattr(manual, name) for name in MANUAL_NAMES}
-    with mock.patch.multiple(normcode.functional, **swapped):
-        assert normcode.functional.batch_norm is manual.batch_norm
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    with manual.enabled():
         assert_matches_torch(make(normcode), make(torch.nn), x, train=train)
+
+
+@pytest.mark.parametrize("case", MODULES)
+def test_enabled_switches_the_modules_and_only_inside(case):
+    """Inside ``manual.enabled()`` a layer's backward is the hand-written one; outside, and
+    inside ``enabled(False)``, it is autograd's through normcode.functional."""
+    make, shape = MODULES[case]
+    layer, x = make(normcode), torch.randn(shape, requires_grad=True)
+    hand_written = lambda: type(layer(x).grad_fn).__name__.startswith("_")  # noqa: E731
+    assert not hand_written()
+    with manual.enabled():
+        assert hand_written()
+        with manual.enabled(False):
+            assert not hand_written()
+        assert hand_written()
+    assert not hand_written()
+    with pytest.raises(ZeroDivisionError), manual.enabled():
+        1 / 0
+    assert not hand_written()                                   # restored after an exception
+
+
+def test_enabled_leaves_torch_compile_on_the_functional_path():
+    """A layer compiled inside ``enabled()`` traces normcode.functional (inductor fuses it):
+    one graph, no break, the same output and gradients as eager."""
+    layer, x = normcode.LayerNorm(6), torch.randn(5, 4, 6, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with manual.enabled():
+        y = compiled(x)
+    assert not type(y.grad_fn).__name__.startswith("_Normalize")
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    (g_eager,) = torch.autograd.grad(layer(x).square().sum(), x)
+    torch.testing.assert_close(g, g_eager)
 
 
 def _zeros(n=3):
@@ -298,12 +325,11 @@ def test_parity_table_on_the_manual_backward(case, train, block, device, monkeyp
     """With blocks of about 7 elements the forward's blockwise sums and outputs are exercised
     on every shape (a row is at least one block)."""
     monkeypatch.setattr(manual, "BLOCK_ELEMENTS", block)
-    swapped = {name: getattr(manual, name) for name in MANUAL_NAMES}
     ours, theirs = case.build()
     x = torch.randn(case.shape, generator=torch.Generator().manual_seed(0), dtype=F64) * 2 + 1
     x = x.contiguous(memory_format=torch.channels_last) if case.layout == "channels_last" else \
         x.contiguous(memory_format=torch.channels_last_3d) if case.layout == "channels_last_3d" else x
-    with mock.patch.multiple(normcode.functional, **swapped):
+    with manual.enabled():
         assert_matches_torch(ours.to(device), theirs.to(device), x.to(device), train=train,
                              steps=3, dtype=case.dtype,
                              rtol=case.tol.rtol, atol=case.tol.atol,
