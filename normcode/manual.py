@@ -35,10 +35,8 @@ import torch
 from . import _checks as check
 from . import functional as F
 from ._axes import set_size, statistics_view
-from .functional import (_channel_shape, _compute_dtype, _inverse_std, _moments, _rms_eps,
-                         _running_moments)
-# The forwards for the inputs the hand-written path leaves to them (empty, or without channels),
-# bound here so that normcode.functional's names may be swapped for this module's.
+from .functional import _channel_shape, _compute_dtype, _inverse_std, _moments, _rms_eps
+# The forwards for the inputs the hand-written path leaves to them (empty, or without channels).
 from .functional import batch_norm as _batch_norm, group_norm as _group_norm
 from .functional import instance_norm as _instance_norm, layer_norm as _layer_norm
 from .functional import local_response_norm as _local_response_norm

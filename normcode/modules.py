@@ -14,7 +14,6 @@ from . import functional as F
 from . import manual
 
 
-
 def _functions():
     """The functions a layer computes with: :mod:`normcode.functional`, or within
     :func:`normcode.manual.enabled` (in eager mode) :mod:`normcode.manual`'s namesakes."""
