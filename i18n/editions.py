@@ -7,13 +7,12 @@ cells and their stored outputs are copied unchanged, so every number, table and 
 every glued number) is the one the English edition computed and nbval checked.
 
     python i18n/editions.py build              # both editions: _build/html and _build/html/zh
+    python i18n/editions.py source             # only write the Chinese book's source, _build/zh-src
     python i18n/editions.py status [PAGE ...]  # cells with no translation or a stale one, with their English
-    python i18n/editions.py skeleton PAGE ...  # add an empty entry (zh: null) for each untranslated cell
     python i18n/editions.py check [PAGE ...]   # translations that lost math, code, labels or references
     python i18n/editions.py put PAGE CELL FILE [HASH]  # set a cell's translation from a file and check
                                                # it; with the English HASH that status showed, refuse
                                                # if the English has changed since
-    python i18n/editions.py stamp PAGE CELL    # after updating a stale translation: record the new English hash
 
 PAGE is a page's path without suffix, as in _toc.yml (``chapters/batchnorm``, ``index``).
 A markdown page (``.md``) is translated as one entry, keyed ``page``. A figure's caption (in its
@@ -113,11 +112,13 @@ def save(page, entries):
     """Write a page's translations, one entry per unit in page order; text as YAML block scalars."""
     for entry in entries.values():
         if entry.get("zh"):
-            # A line with trailing spaces cannot be a YAML block scalar; markdown ignores them.
+            # A line with trailing spaces cannot be a YAML block scalar. (In markdown two of them
+            # would be a hard line break; the book's English has none.)
             entry["zh"] = "\n".join(line.rstrip() for line in entry["zh"].split("\n"))
     head = (f"# The Chinese translation of {page_file(page).relative_to(ROOT)}: one entry per "
-            "markdown cell, keyed by the cell's id.\n# source: the hash of the English it "
-            "translates (i18n/editions.py digest); zh: the translation.\n")
+            "markdown cell (key: the cell's id) or figure caption (key: <cell id>/caption).\n"
+            "# source: the hash of the English it translates (editions.digest); zh: the "
+            "translation. Write entries with `python i18n/editions.py put`.\n")
     body = yaml.dump(entries, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=10_000)
     translation_path(page).write_text(head + body)
 
@@ -207,27 +208,6 @@ def glossary_names(text):
             if line.strip() and not line.startswith((" ", ":"))]
 
 
-def glossary():
-    """The glossary's entries as (English name, [Chinese names]), in file order.
-
-    An entry's first line is its English name; its further name lines with Chinese characters
-    are its Chinese names, the first of which is the one both editions use.
-    """
-    block = _glossary_block((ROOT / "chapters" / "glossary.md").read_text())
-    entries, names = [], []
-    for line in block.splitlines()[1:]:
-        if line.startswith(":"):
-            continue
-        if line.strip() and not line.startswith(" "):
-            names.append(line.strip())
-            continue
-        if names:                      # the definition (or the blank line) ends the names
-            english = [n for n in names if not _has_cjk(n)]
-            entries.append((english[0], [n for n in names if _has_cjk(n)]))
-            names = []
-    return entries
-
-
 def _has_cjk(text):
     return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
@@ -251,7 +231,8 @@ def glossary_pairs():
 
 def glossary_terms_zh():
     """The glossary's Chinese names that are one word (jieba's dictionary cannot hold a space)."""
-    return {name for _, zh in glossary() for name in zh if " " not in name}
+    names = glossary_names((ROOT / "chapters" / "glossary.md").read_text())
+    return {name for name in names if _has_cjk(name) and " " not in name}
 
 
 # What a translation must carry over unchanged: math, code, labels, cross-reference targets,
@@ -343,13 +324,6 @@ def main(argv):
                 print(f"=== {page} cell {key} (English {digest(text)}): {why}\n{text}\n")
         print(f"{left} cell(s) to translate")
         return 1 if left else 0
-    if command == "skeleton":
-        for page in args:
-            english, old = english_units(page), load(page)
-            entries = {k: old.get(k, {"source": digest(t), "zh": None}) for k, t in english.items()}
-            save(page, entries)
-            print(translation_path(page).relative_to(ROOT))
-        return 0
     if command == "put":
         page, key, file, *expect = args
         entries, english = load(page), english_units(page)
@@ -365,12 +339,6 @@ def main(argv):
         save(page, {k: entries[k] for k in english if k in entries})
         for why in mismatches(english[key], text):
             print(f"{page} cell {key}: {why}")
-        return 0
-    if command == "stamp":
-        page, key = args
-        entries = load(page)
-        entries[key]["source"] = digest(english_units(page)[key])
-        save(page, entries)
         return 0
     if command == "check":
         bad = 0
