@@ -6,8 +6,9 @@ this build is and where the other one's root lies, relative to this one's:
 
     edition = {"lang": "en", "other_lang": "zh", "other_root": "zh/", "label": {"en": "EN ⇄ 中文"}}
 
-Each page gets, at the top of its article, a link to its twin, and a
-``<link rel="alternate" hreflang=...>`` in its head. Nothing is fetched: the link is plain HTML.
+Each page with a body (all but the generated genindex, py-modindex and search pages) gets, at
+the top of its article, a link to its twin, and a ``<link rel="alternate" hreflang=...>`` in
+its head. Nothing is fetched: the link is plain HTML.
 """
 from html import escape
 
@@ -24,13 +25,13 @@ def _add_switch(app, pagename, templatename, context, doctree):
         return
     href = escape(_twin(app, pagename))
     here, there = edition["lang"], edition["other_lang"]
-    # "EN ⇄ 中文", the current edition's side in bold.
-    sides = [escape(side) for side in edition["label"]["en"].split(" ⇄ ")]
-    current = 0 if here == "en" else 1
-    sides[current] = f'<strong>{sides[current]}</strong>'
-    label = " ⇄ ".join(sides)
+    # "EN ⇄ 中文", the current edition's side in bold (English's is the first side).
+    sides = [escape(side) for side in edition["label"]["en"].split("⇄")]
+    current = 0 if here == "en" else len(sides) - 1
+    sides[current] = f"<strong>{sides[current].strip()}</strong>"
+    label = " ⇄ ".join(side.strip() for side in sides)
     title = "Read this page in Chinese" if here == "en" else "阅读本页的英文版"
-    link = (f'<p class="edition-switch"><a href="{href}" hreflang="{there}" lang="{there}" '
+    link = (f'<p class="edition-switch"><a href="{href}" hreflang="{there}" '
             f'title="{title}">{label}</a></p>\n')
     if "body" in context:
         context["body"] = link + context["body"]

@@ -23,5 +23,7 @@ class SearchChinese(zh.SearchChinese):
 
 
 def setup(app):
+    if not zh.JIEBA:            # without jieba Sphinx would index no Chinese word at all
+        raise RuntimeError("the Chinese edition's search needs jieba (requirements.txt pins it)")
     app.add_search_language(SearchChinese)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

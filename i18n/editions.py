@@ -10,9 +10,9 @@ every glued number) is the one the English edition computed and nbval checked.
     python i18n/editions.py source             # only write the Chinese book's source, _build/zh-src
     python i18n/editions.py status [PAGE ...]  # cells with no translation or a stale one, with their English
     python i18n/editions.py check [PAGE ...]   # translations that lost math, code, labels or references
-    python i18n/editions.py put PAGE CELL FILE [HASH]  # set a cell's translation from a file and check
-                                               # it; with the English HASH that status showed, refuse
-                                               # if the English has changed since
+    python i18n/editions.py put PAGE CELL FILE HASH  # set a cell's translation from a file and
+                                               # check it; HASH: the English's, as status showed
+                                               # it (refused if the English has changed since)
 
 PAGE is a page's path without suffix, as in _toc.yml (``chapters/batchnorm``, ``index``).
 A markdown page (``.md``) is translated as one entry, keyed ``page``. A figure's caption (in its
@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ TRANSLATIONS = ROOT / "i18n" / LANG
 BOOK_STRINGS = TRANSLATIONS / "_book.yml"
 BUILD = ROOT / "_build"
 SOURCE = BUILD / f"{LANG}-src"         # the generated Chinese book source (never committed)
+OUT = BUILD / f"{LANG}-out"            # its jupyter-book output, moved to _build/html/zh
 HTML = BUILD / "html"
 # Files and folders of the book's source that the Chinese build needs besides its pages.
 # normcode's source is there for the chapters' literalinclude directives.
@@ -43,10 +45,19 @@ SHARED = ["references.bib", "_static", "_ext", "normcode"]
 
 def pages():
     """The book's pages in _toc.yml order, as paths without suffix (root first)."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    found = [toc["root"]]
-    for part in toc.get("parts", []):
-        found += [c["file"] for c in part["chapters"]]
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
+
+    def walk(entries):
+        for entry in entries:
+            if "file" in entry:
+                yield entry["file"]
+            for key in ("parts", "chapters", "sections"):
+                yield from walk(entry.get(key, []))
+
+    found = [toc["root"], *walk([toc])]
+    names = [Path(page).name for page in found]
+    if len(set(names)) != len(names):   # i18n/zh/<name>.yml: one file per page name
+        raise SystemExit(f"two pages share a name, and so a translation file: {sorted(names)}")
     return found
 
 
@@ -66,8 +77,8 @@ def english_units(page):
     """{key: English source} for the page's translatable units, in page order."""
     path = page_file(page)
     if path.suffix == ".md":
-        return {"page": path.read_text()}
-    nb = json.loads(path.read_text())
+        return {"page": path.read_text(encoding="utf-8")}
+    nb = json.loads(path.read_text(encoding="utf-8"))
     units = {}
     for cell in nb["cells"]:
         if cell["cell_type"] == "markdown":
@@ -84,7 +95,7 @@ CAPTION = "/caption"
 
 
 def _caption(cell):
-    return cell.get("metadata", {}).get("mystnb", {}).get("figure", {}).get("caption")
+    return cell.get("metadata", {}).get("mystnb", {}).get("figure", {}).get("caption") or None
 
 
 def translation_path(page):
@@ -93,7 +104,7 @@ def translation_path(page):
 
 def load(page):
     path = translation_path(page)
-    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -120,7 +131,7 @@ def save(page, entries):
             "# source: the hash of the English it translates (editions.digest); zh: the "
             "translation. Write entries with `python i18n/editions.py put`.\n")
     body = yaml.dump(entries, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=10_000)
-    translation_path(page).write_text(head + body)
+    translation_path(page).write_text(head + body, encoding="utf-8")
 
 
 def problems(page):
@@ -129,7 +140,7 @@ def problems(page):
     found = []
     for key, text in english.items():
         entry = entries.get(key)
-        if not entry or not entry.get("zh"):
+        if not entry or entry.get("zh") is None or (text.strip() and not entry["zh"].strip()):
             found.append((key, "no translation", text))
         elif entry.get("source") != digest(text):
             found.append((key, "the English changed since it was translated", text))
@@ -138,11 +149,11 @@ def problems(page):
 
 
 def book_strings():
-    return yaml.safe_load(BOOK_STRINGS.read_text())
+    return yaml.safe_load(BOOK_STRINGS.read_text(encoding="utf-8"))
 
 
 def _translate_notebook(page, entries):
-    nb = json.loads(page_file(page).read_text())
+    nb = json.loads(page_file(page).read_text(encoding="utf-8"))
     for cell in nb["cells"]:
         if cell["cell_type"] == "markdown":
             cell["source"] = entries[cell["id"]]["zh"]
@@ -172,14 +183,16 @@ def write_source():
         path, entries = page_file(page), load(page)
         out = SOURCE / path.relative_to(ROOT)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(_translate_notebook(page, entries) if path.suffix == ".ipynb" else entries["page"]["zh"])
+        text = _translate_notebook(page, entries) if path.suffix == ".ipynb" else entries["page"]["zh"]
+        out.write_text(text, encoding="utf-8")
 
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
     for part in toc.get("parts", []):
         part["caption"] = strings["captions"][part["caption"]]
-    (SOURCE / "_toc.yml").write_text(yaml.safe_dump(toc, allow_unicode=True, sort_keys=False))
+    (SOURCE / "_toc.yml").write_text(yaml.safe_dump(toc, allow_unicode=True, sort_keys=False),
+                                     encoding="utf-8")
 
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
     config["title"] = strings["title"]
     config["author"] = strings["author"]
     sphinx = config["sphinx"]["config"]
@@ -191,9 +204,10 @@ def write_source():
     sphinx["html_search_options"] = {"dict": str(SOURCE / "search-terms.txt")}
     sphinx["edition"] = {"lang": LANG, "other_lang": "en", "other_root": "../",
                          "label": strings["switch"]}
-    (SOURCE / "_config.yml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    (SOURCE / "_config.yml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False),
+                                        encoding="utf-8")
     terms = sorted(glossary_terms_zh())
-    (SOURCE / "search-terms.txt").write_text("".join(f"{t} 1000 n\n" for t in terms))
+    (SOURCE / "search-terms.txt").write_text("".join(f"{t} 1000 n\n" for t in terms), encoding="utf-8")
     return SOURCE
 
 
@@ -215,7 +229,7 @@ def _has_cjk(text):
 def glossary_pairs():
     """(English name, the Chinese name both editions use for it) for every English name that
     the glossary follows with Chinese names (an entry may hold two terms: Pre-LN and Post-LN)."""
-    block = _glossary_block((ROOT / "chapters" / "glossary.md").read_text())
+    block = _glossary_block((ROOT / "chapters" / "glossary.md").read_text(encoding="utf-8"))
     pairs, latin = [], None
     for line in block.splitlines()[1:]:
         name = line.strip()
@@ -231,25 +245,31 @@ def glossary_pairs():
 
 def glossary_terms_zh():
     """The glossary's Chinese names that are one word (jieba's dictionary cannot hold a space)."""
-    names = glossary_names((ROOT / "chapters" / "glossary.md").read_text())
+    names = glossary_names((ROOT / "chapters" / "glossary.md").read_text(encoding="utf-8"))
     return {name for name in names if _has_cjk(name) and " " not in name}
 
 
 # What a translation must carry over unchanged: math, code, labels, cross-reference targets,
-# glued numbers, citations, directives, links and images. (Link texts and {term} roles may be
-# translated: a Chinese glossary name resolves to the same entry.)
+# glued numbers, citations, directives (with their options, and the whole body of those whose
+# body is not prose: a literalinclude, an eval-rst block, a math block), links and images. Link
+# texts, {term} roles and the bodies of prose directives (a note, a figure's caption, the
+# glossary's definitions) are translated; a Chinese glossary name resolves to the same entry.
+PROSE_DIRECTIVES = {"glossary", "note", "tip", "warning", "important", "admonition", "seealso",
+                    "figure", "dropdown", "margin", "sidebar", "epigraph", "caution", "hint"}
+_FENCE = re.compile(r"^(\s*)(```+|:::+)\s*\{([\w:-]+)\}.*?^\1\2\s*$", re.MULTILINE | re.DOTALL)
+_CODE_SPAN = re.compile(r"(?<![`\\])`((?:[^`\n]|\n(?!\n))+)`(?!`)")
 _INVARIANTS = {
     # Inline math may wrap onto a second line; a blank line ends a paragraph, and with it any span.
     "math": re.compile(r"\$\$.+?\$\$|(?<![\\$])\$(?:[^$\n]|\n(?!\n))+?\$", re.DOTALL),
-    "label": re.compile(r"^\(([^)\s]+)\)=\s*$", re.MULTILINE),
-    "role target": re.compile(r"\{(glue(?::\w+)?|cite(?::\w+)?|ref|numref|doc|eq|download)\}`(?:[^`<]*<)?([^`>]+)>?`"),
+    "label": re.compile(r"^\(([^)\s]+)\)=\s*$|\$\$\s*\(([^)\s]+)\)\s*$", re.MULTILINE),
+    "role target": re.compile(r"\{(glue(?::\w+)?|cite(?::\w+)?|ref|numref|doc|eq|download|math|py:\w+)\}"
+                              r"`(?:[^`<]*<)?([^`>]+)>?`"),
     "directive": re.compile(r"^\s*(?:```+|:::+)\s*\{([\w:-]+)\}(.*)$", re.MULTILINE),
-    "directive option": re.compile(r"^\s*:(name|label|width|align|class|alt|filter|style):(.*)$", re.MULTILINE),
+    "directive option": re.compile(r"^\s*:(\w[\w-]*):(.*)$", re.MULTILINE),
+    "verbatim block": _FENCE,
     "link target": re.compile(r"\]\(([^)\s]+)\)"),
-    "code": re.compile(r"(?<![`{}\w])`((?:[^`\n]|\n(?!\n))+)`(?!`)"),
+    "code": _CODE_SPAN,
 }
-
-
 _ANY_ROLE = re.compile(r"\{[\w:-]+\}`[^`]*`")
 
 
@@ -257,9 +277,15 @@ def invariants(text, kinds=tuple(_INVARIANTS)):
     """{kind: sorted list of what the text holds of it} for the parts a translation must keep."""
     found = {}
     without_roles = _ANY_ROLE.sub(" ", text)
+    without_code = _CODE_SPAN.sub(" ", without_roles)
     for kind in kinds:
+        subject = {"code": without_roles, "math": without_code}.get(kind, text)
         items = []
-        for match in _INVARIANTS[kind].finditer(without_roles if kind == "code" else text):
+        for match in _INVARIANTS[kind].finditer(subject):
+            if kind == "verbatim block":
+                if match.group(3) not in PROSE_DIRECTIVES:
+                    items.append(match.group(0).strip())
+                continue
             groups = [g for g in match.groups() if g is not None] or [match.group(0)]
             items.append(" ".join(" ".join(g.split()) for g in groups))
         found[kind] = sorted(items)
@@ -288,26 +314,36 @@ def _jupyter_book():
 
 
 def build(flags=("-W", "-n", "--keep-going", "--all")):
-    """Build both editions side by side; return (exit status, combined log)."""
+    """Build both editions side by side; return (exit status, combined log).
+
+    The English edition is built even when the Chinese one cannot be (a translation is
+    missing or stale): the status is then 1 and the log names the cells. A Chinese edition
+    that did not build is removed from _build/html/zh, never left there from an earlier build.
+    """
     start = time.perf_counter()
-    write_source()
-    out = BUILD / f"{LANG}-out"
-    jobs = {
-        "en": subprocess.Popen([_jupyter_book(), "build", ".", *flags], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-        LANG: subprocess.Popen([_jupyter_book(), "build", str(SOURCE), "--path-output", str(out), *flags],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-    }
-    logs = {name: job.communicate()[0] for name, job in jobs.items()}
-    status = max(job.returncode for job in jobs.values())
-    if status == 0:
-        target = HTML / LANG
-        if target.exists():
-            shutil.rmtree(target)
-        (out / "_build" / "html").rename(target)      # same file system: a rename, not a copy
-    log = "".join(f"===== {name} edition =====\n{text}" for name, text in logs.items())
-    log += f"both editions built in {time.perf_counter() - start:.1f} s (exit {status})\n"
-    return status, log
+    target = HTML / LANG
+    commands = {"en": [_jupyter_book(), "build", ".", *flags]}
+    try:
+        write_source()
+        commands[LANG] = [_jupyter_book(), "build", str(SOURCE), "--path-output", str(OUT), *flags]
+        stale = ""
+    except SystemExit as refused:
+        stale = f"===== {LANG} edition: not built =====\n{refused}\n"
+    with tempfile.TemporaryDirectory() as logs:          # files, not pipes: neither job blocks
+        jobs = {}
+        for name, command in commands.items():
+            with open(Path(logs) / name, "w", encoding="utf-8") as log:
+                jobs[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        codes = {name: job.wait() for name, job in jobs.items()}
+        text = {name: (Path(logs) / name).read_text(encoding="utf-8") for name in jobs}
+    ok = all(code == 0 for code in codes.values()) and not stale   # a killed job's code is < 0
+    if target.exists():
+        shutil.rmtree(target)
+    if ok:
+        (OUT / "_build" / "html").rename(target)       # same file system: a rename, not a copy
+    log = "".join(f"===== {name} edition =====\n{text[name]}" for name in jobs) + stale
+    log += f"{' and '.join(jobs)} built in {time.perf_counter() - start:.1f} s (exit {int(not ok)})\n"
+    return int(not ok), log
 
 
 def main(argv):
@@ -325,21 +361,22 @@ def main(argv):
         print(f"{left} cell(s) to translate")
         return 1 if left else 0
     if command == "put":
-        page, key, file, *expect = args
+        page, key, file, expect = args
         entries, english = load(page), english_units(page)
         if key not in english:
             raise SystemExit(f"{page} has no markdown cell or caption {key!r}")
-        if expect and expect[0] != digest(english[key]):
+        if expect != digest(english[key]):
             raise SystemExit(f"{page} cell {key}: the English changed since `status` showed it "
-                             f"({expect[0]}, now {digest(english[key])}); translate the new English")
-        text = Path(file).read_text().rstrip("\n")
+                             f"({expect}, now {digest(english[key])}); translate the new English")
+        text = Path(file).read_text(encoding="utf-8").rstrip("\n")
         if english[key].endswith("\n"):
             text += "\n"
         entries[key] = {"source": digest(english[key]), "zh": text}
         save(page, {k: entries[k] for k in english if k in entries})
-        for why in mismatches(english[key], text):
+        found = mismatches(english[key], text)
+        for why in found:
             print(f"{page} cell {key}: {why}")
-        return 0
+        return 1 if found else 0
     if command == "check":
         bad = 0
         for page in args or pages():

@@ -60,6 +60,8 @@ def enabled(on=True):
     :mod:`normcode.functional`, which inductor fuses. Direct calls to
     :mod:`normcode.functional` are unchanged. Like torch's backend flags it is one switch for
     the process, not per thread; ``enabled(False)`` turns it off inside an enabled block.
+    ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) need the layers outside it: the
+    autograd.Functions here define no ``setup_context``, ``vmap`` or ``jvp`` rule.
     """
     global _enabled
     before, _enabled = _enabled, on

@@ -17,7 +17,11 @@ from . import manual
 def _functions():
     """The functions a layer computes with: :mod:`normcode.functional`, or within
     :func:`normcode.manual.enabled` (in eager mode) :mod:`normcode.manual`'s namesakes."""
-    return manual if manual._enabled and not torch.compiler.is_compiling() else F
+    # is_compiling() first: dynamo folds it to True, so a compiled layer never reads (and never
+    # guards on, nor recompiles for) the switch.
+    if torch.compiler.is_compiling():
+        return F
+    return manual if manual._enabled else F
 
 def _register_affine(module, shape, weight, bias, factory):
     """Register gamma (``weight``) and beta (``bias``) of ``shape``, or None where switched off."""

@@ -290,11 +290,12 @@ def _api_names():
     return names
 
 
-def test_api_page_documents_every_public_name(site, browser):
+@pytest.mark.parametrize("edition", ["", "zh/"], ids=["en", "zh"])
+def test_api_page_documents_every_public_name(site, browser, edition):
     """The API page (chapters/api.md, by autodoc) has an entry for every public class and
-    function, each with its signature, and its formulas typeset by MathJax."""
+    function, each with its signature, and its formulas typeset by MathJax, in both editions."""
     context, _ = browser
-    page, errors = _open(context, site + "chapters/api.html")
+    page, errors = _open(context, site + edition + "chapters/api.html")
     report = page.evaluate(INSPECT)
     documented = set(page.evaluate("[...document.querySelectorAll('dt.sig[id]')].map(e => e.id)"))
     signatures = page.evaluate("document.querySelectorAll('dt.sig .sig-paren').length")

@@ -189,7 +189,7 @@ def test_saves_only_the_input_and_small_statistics(case):
     assert ours <= x.numel() * 4 + small, (ours, x.numel() * 4)
 
 
-#: normcode's modules, run on the hand-written backward passes by swapping the functional names.
+#: normcode's modules, run on the hand-written backward passes inside manual.enabled().
 MODULES = {
     "BatchNorm2d": (lambda m: m.BatchNorm2d(3), (6, 3, 4, 2)),
     "BatchNorm1d, momentum=None": (lambda m: m.BatchNorm1d(4, momentum=None), (9, 4)),
@@ -230,13 +230,25 @@ def test_enabled_switches_the_modules_and_only_inside(case):
 
 
 def test_enabled_leaves_torch_compile_on_the_functional_path():
-    """A layer compiled inside ``enabled()`` traces normcode.functional (inductor fuses it):
-    one graph, no break, the same output and gradients as eager."""
+    """A layer compiled inside ``enabled()`` traces normcode.functional (inductor fuses it), not
+    manual's autograd.Function, and toggling the switch recompiles nothing."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
     layer, x = normcode.LayerNorm(6), torch.randn(5, 4, 6, requires_grad=True)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True, backend=record)
     with manual.enabled():
         y = compiled(x)
-    assert not type(y.grad_fn).__name__.startswith("_Normalize")
+    y_outside = compiled(x)
+    with manual.enabled():
+        compiled(x)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the switch made the layer recompile"
+    targets = {str(node.target) for node in graphs[0].graph.nodes}
+    assert not any("autograd_function" in t for t in targets), sorted(targets)
+    torch.testing.assert_close(y, y_outside)
     (g,) = torch.autograd.grad(y.square().sum(), x)
     (g_eager,) = torch.autograd.grad(layer(x).square().sum(), x)
     torch.testing.assert_close(g, g_eager)

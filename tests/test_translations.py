@@ -45,7 +45,24 @@ def test_translation_keeps_math_code_and_references(page):
 
 
 def _numeral(number):
-    return re.sub(r"(%|×|x|-fold)$", "", number)
+    return re.sub(r"(%|％|×|x|-fold|倍)$", "", number)
+
+
+# Chinese sets no space between a character and a number (为4.7%), which the English detector's
+# "not inside a word" rule would read as part of a word; and a ratio may be written 2.5倍.
+_CJK = re.compile(r"([\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])")
+_BEI = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?倍")
+
+
+def typed_numbers_zh(text):
+    """The decimals, percentages and ratios typed in a Chinese text (as ``typed_numbers``)."""
+    spaced = _CJK.sub(r" \1 ", text.replace("％", "%"))
+    return typed_numbers(spaced) + [m.group(1) + "倍" for m in _BEI.finditer(spaced)]
+
+
+def test_typed_number_detector_zh():
+    assert typed_numbers_zh("误差为4.7%，快了2.5倍，{glue:text}`gap:.1%`，10倍，第 3 节") == [
+        "4.7%", "2.5", "2.5倍", "10倍"]
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -55,7 +72,8 @@ def test_translation_types_no_number_its_english_does_not(page):
     for key, entry in entries.items():
         if key in english and entry and entry.get("zh"):
             allowed = {_numeral(n) for n in typed_numbers(english[key])}
-            found += [f"cell {key}: {n}" for n in typed_numbers(entry["zh"]) if _numeral(n) not in allowed]
+            found += [f"cell {key}: {n}" for n in typed_numbers_zh(entry["zh"])
+                      if _numeral(n) not in allowed]
     assert not found, f"{page}: numbers typed in the translation only (glue them in English first): {found}"
 
 
@@ -116,3 +134,15 @@ def test_invariants_catch_a_lost_formula_and_a_changed_glue():
     assert editions.mismatches(english, "均值 $\\mu_B$ 为 {glue:text}`gap:.1%`（见 {doc}`批归一化 <batchnorm>`），`eps` 亦然。") == []
     broken = editions.mismatches(english, "均值 $\\mu$ 为 {glue:text}`gap:.2%`，eps 亦然。")
     assert [b.split(":")[0] for b in broken] == ["math differs", "role target differs", "code missing"]
+
+
+def test_invariants_catch_a_changed_include_a_lost_entry_and_a_lost_equation_label():
+    english = ("See:\n\n```{literalinclude} ../normcode/functional.py\n:pyobject: batch_norm\n```\n\n"
+               "```{eval-rst}\n.. autoclass:: normcode.A\n.. autoclass:: normcode.B\n```\n\n"
+               "$$\nx = 1\n$$ (eq-a)\n\n:::{note}\nA note.\n:::\n")
+    chinese = english.replace("See:", "见：").replace("A note.", "注释。")
+    assert editions.mismatches(english, chinese) == []
+    for broken, kind in [(chinese.replace(":pyobject: batch_norm", ":pyobject: layer_norm"), "verbatim"),
+                         (chinese.replace(".. autoclass:: normcode.B\n", ""), "verbatim"),
+                         (chinese.replace("$$ (eq-a)", "$$"), "label")]:
+        assert any(m.startswith(kind) for m in editions.mismatches(english, broken)), broken
