@@ -5,7 +5,6 @@ computes the same one; where torch returns NaN or inf (or writes them into the r
 estimates), normcode raises a clear error instead, and the test checks both halves: that torch
 still gives NaN/inf there, and what normcode's error says.
 """
-import copy
 from types import SimpleNamespace
 
 import pytest

@@ -392,7 +392,6 @@ def test_unbiased_instance_var_changes_eval_too(hot):
     """In eval the IN and LN terms still come from the sample, so unbiased_instance_var changes
     them there as in training: the IN variance divides by L - 1, and LN's carries the excess."""
     x = _x((3, 4, 5, 5))
-    L = 25
     m = _switch(normcode.SwitchNorm2d, 4, hot, unbiased_instance_var=True).eval()
     mean_in, var_in = x.mean((2, 3), keepdim=True), x.var((2, 3), keepdim=True)       # L - 1
     if hot == "instance":
