@@ -4,7 +4,7 @@ Both editions have the same pages at the same paths: English at the site's root,
 under ``zh/`` (i18n/editions.py builds both). The config value ``edition`` says which edition
 this build is and where the other one's root lies, relative to this one's:
 
-    edition = {"lang": "en", "other_lang": "zh", "other_root": "zh/", "label": {"en": "EN ⇄ 中文"}}
+    edition = {"lang": "en", "other_lang": "zh", "other_root": "zh/", "label": "EN ⇄ 中文"}
 
 Each page with a body (all but the generated genindex, py-modindex and search pages) gets, at
 the top of its article, a link to its twin, and a ``<link rel="alternate" hreflang=...>`` in
@@ -26,7 +26,7 @@ def _add_switch(app, pagename, templatename, context, doctree):
     href = escape(_twin(app, pagename))
     here, there = edition["lang"], edition["other_lang"]
     # "EN ⇄ 中文", the current edition's side in bold (English's is the first side).
-    sides = [escape(side) for side in edition["label"]["en"].split("⇄")]
+    sides = [escape(side) for side in edition["label"].split("⇄")]
     current = 0 if here == "en" else len(sides) - 1
     sides[current] = f"<strong>{sides[current].strip()}</strong>"
     label = " ⇄ ".join(side.strip() for side in sides)

@@ -202,8 +202,8 @@ def write_source():
     sphinx["html_search_language"] = "zh"
     sphinx["extensions"] = sphinx["extensions"] + ["zh_search"]      # _ext/zh_search.py
     sphinx["html_search_options"] = {"dict": str(SOURCE / "search-terms.txt")}
-    sphinx["edition"] = {"lang": LANG, "other_lang": "en", "other_root": "../",
-                         "label": strings["switch"]}
+    # The English edition's switch, pointing back: same label, the other way round.
+    sphinx["edition"].update(lang=LANG, other_lang="en", other_root="../")
     (SOURCE / "_config.yml").write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False),
                                         encoding="utf-8")
     terms = sorted(glossary_terms_zh())

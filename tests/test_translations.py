@@ -111,7 +111,7 @@ def test_book_strings_cover_every_part_caption():
     captions = [part["caption"] for part in yaml.safe_load((ROOT / "_toc.yml").read_text())["parts"]]
     strings = editions.book_strings()
     assert set(captions) <= set(strings["captions"]), sorted(set(captions) - set(strings["captions"]))
-    assert strings["title"] and strings["author"] and strings["switch"]["en"]
+    assert strings["title"] and strings["author"]
 
 
 def test_drift_is_detected_and_names_the_cell(monkeypatch):
