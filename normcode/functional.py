@@ -90,7 +90,12 @@ def _shifted_sums(x, dims, count, where, exact_terms):
     sum_d = total(d)
     mean_d = sum_d / count
     if exact_terms and where is None:
-        m2 = (total(d * d) - mean_d * sum_d).clamp_min(0)       # rounding only: never below 0
+        m2 = total(d * d) - mean_d * sum_d
+        # M2 is never negative, but this difference can round below 0 (in a set of tens of
+        # millions of elements). The guard moves the value to 0 and leaves the derivative
+        # M2's (a clamp's would be 0 there, and under torch.compile its mask would make the
+        # backward keep M2 and recompute 1/sqrt(M2/M + eps) for every element).
+        m2 = m2 + (m2.detach().clamp_min(0) - m2.detach())
     else:
         centred = d - mean_d
         m2 = total(centred * centred)
