@@ -91,10 +91,11 @@ def _shifted_sums(x, dims, count, where, exact_terms):
     mean_d = sum_d / count
     if exact_terms and where is None:
         m2 = total(d * d) - mean_d * sum_d
-        # M2 is never negative, but this difference can round below 0 (in a set of tens of
-        # millions of elements). The guard moves the value to 0 and leaves the derivative
-        # M2's (a clamp's would be 0 there, and under torch.compile its mask would make the
-        # backward keep M2 and recompute 1/sqrt(M2/M + eps) for every element).
+        # M2 >= 0, and so is this difference unless its rounding error reaches M2 itself:
+        # M2 >= max(d)^2 / 2 (the shift is an element, d = 0), so a plain float64 sum gets
+        # there only past about 2^26 elements. The guard moves such a value to 0 and leaves
+        # the derivative M2's. (A clamp's derivative would be 0 there, and under torch.compile
+        # its mask made the backward keep M2 and recompute 1/sqrt(M2/M + eps) per element.)
         m2 = m2 + (m2.detach().clamp_min(0) - m2.detach())
     else:
         centred = d - mean_d
