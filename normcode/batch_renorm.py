@@ -26,7 +26,6 @@ import torch
 
 from . import _checks as check
 from . import functional as F
-from ._axes import statistics_set
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
 
@@ -59,9 +58,9 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
     x = input.to(F._compute_dtype(input))
     # The estimates as they are now, before this batch moves them: (1, C, 1, ...), no gradient.
     mu, var = F._running_moments(running_mean, running_var, x)
-    view, dims, n = statistics_set(x, "batch")
-    # BatchNorm's moments: x - mu_B, mu_B and the biased variance, as batch_norm computes them.
-    centred, mean, var_B = F._centred_moments(view, dims, n, F._computes_wider(x, input))
+    # BatchNorm's moments, as batch_norm computes them: mu_B = shift + mean_d, biased Var_B.
+    shift, mean_d, var_B, n, d_x = F._batch_moments(x, input)     # d_x = x - shift
+    mean = shift + mean_d
     inv_std_B = F._inverse_std(var_B, eps, "batch_renorm")                # 1 / sigma_B
     if n > 0:      # BatchNorm's update, Bessel's correction n / (n - 1) included
         F._exponential_update_(running_mean, running_var, mean, var_B, n, momentum)
@@ -69,8 +68,14 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
         inv_std = F._inverse_std(var, eps, "batch_renorm")                # 1 / sigma
         r = (inv_std / inv_std_B).clamp(1 / r_max, r_max)                 # sigma_B / sigma
         d = ((mean - mu) * inv_std).clamp(-d_max, d_max)
-    x_hat = centred * inv_std_B * r + d
-    y = F._affine(x_hat, weight, bias, F._channel_shape(input))
+    # BatchNorm's multiply-add, d_x scale + offset, with the corrected scale and offset:
+    # ((x - mu_B) r / sigma_B + d) gamma + beta has scale r gamma / sigma_B and, in place of
+    # beta, d gamma + beta.
+    shape = F._channel_shape(input)
+    beta = d if weight is None else d * weight.to(d.dtype).reshape(shape)
+    beta = beta if bias is None else beta + bias.to(d.dtype).reshape(shape)
+    scale, offset = F._scale_and_offset(mean_d, inv_std_B * r, weight, beta, shape)
+    y = torch.addcmul(offset, d_x, scale)
     return F._in_layout_of(y.to(input.dtype), input)
 
 

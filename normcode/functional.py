@@ -2,9 +2,13 @@ r"""All the math of normalization, in ``torch.nn.functional``'s signatures.
 
 Read top to bottom in the book's order. Every norm is "standardize over a statistics set, then
 an affine": the statistics set comes from :func:`normcode.statistics_set`, the one place
-that says which axes each norm reduces; ``_centred_moments`` computes the mean and variance
-from the values less one of them (a shift, so that no term is large), and hands back the
-centred values; ``_inverse_std`` turns the variance into :math:`1/\sqrt{\mathrm{Var} + \epsilon}`.
+that says which axes each norm reduces; ``_shifted_sums`` computes the mean and variance
+from the values less one of them (a shift, so that no term is large); ``_inverse_std`` turns
+the variance into :math:`1/\sqrt{\mathrm{Var} + \epsilon}`. Where gamma and beta are per
+channel (BatchNorm, InstanceNorm, GroupNorm), the output is one multiply-add of the shifted
+values, with a scale and an offset per channel or per (sample, channel)
+(``_scale_and_offset``); LayerNorm, with a gamma per element, standardizes the centred values
+(``_centred_moments``) and then applies its affine.
 Each public function opens with one call into ``normcode._checks`` (bad input raises as in
 torch) and is math from then on. None of this calls torch's own normalization routines.
 
@@ -64,8 +68,9 @@ def _shift(x, dims):
 
 
 def _shifted_sums(x, dims, count, where, exact_terms):
-    r"""``(shift, mean of d, M2)`` with :math:`d = x - \text{shift}`: the mean is
-    ``shift + mean_d`` and :math:`M_2 = \sum_i (x_i - \mu)^2`.
+    r"""``(shift, mean of d, M2, d)`` with :math:`d = x - \text{shift}`: the mean is
+    ``shift + mean_d`` and :math:`M_2 = \sum_i (x_i - \mu)^2`. ``d`` itself is handed back
+    for the output to reuse (one full-size tensor, not a second subtraction).
 
     Never :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2` on ``x`` itself, which cancels
     catastrophically once the mean is large next to the standard deviation. On the shifted
@@ -100,7 +105,7 @@ def _shifted_sums(x, dims, count, where, exact_terms):
     else:
         centred = d - mean_d
         m2 = total(centred * centred)
-    return shift, mean_d, m2
+    return shift, mean_d, m2, d
 
 
 def _centred_sum_of_squares(x, dims, count=None, where=None):
@@ -114,7 +119,7 @@ def _centred_sum_of_squares(x, dims, count=None, where=None):
     """
     if count is None:
         count = set_size(x, dims)
-    shift, mean_d, m2 = _shifted_sums(x, dims, count, where, exact_terms=False)
+    shift, mean_d, m2, _ = _shifted_sums(x, dims, count, where, exact_terms=False)
     return shift + mean_d, m2
 
 
@@ -134,13 +139,13 @@ def _moments(x, dims, count=None, where=None):
 def _centred_moments(x, dims, count, exact_terms):
     """``(centred, mean, var)`` over ``dims``: the values less their mean, and the moments.
 
-    What BatchNorm, LayerNorm and batch renormalization call (GroupNorm and InstanceNorm write
+    What LayerNorm and batch renormalization call (BatchNorm, GroupNorm and InstanceNorm write
     their output as a multiply-add of the shifted input, :func:`_scale_and_offset`).
-    ``centred`` is ``(x - shift) - mean_d``: the mean is never rounded to ``x``'s format before
+    ``centred`` is ``d - mean_d`` (``d = x - shift``): the mean is never rounded to ``x``'s format before
     it is subtracted (in float32, a mean of 1e6 would carry an error of 0.03). ``exact_terms``:
     one pass (see :func:`_shifted_sums`)."""
-    shift, mean_d, m2 = _shifted_sums(x, dims, count, None, exact_terms)
-    return (x - shift) - mean_d, shift + mean_d, m2 / count
+    shift, mean_d, m2, d = _shifted_sums(x, dims, count, None, exact_terms)
+    return d - mean_d, shift + mean_d, m2 / count
 
 
 def _computes_wider(x, input):
@@ -182,9 +187,10 @@ def _affine(x_hat, weight, bias, shape):
 def _scale_and_offset(centre, r, weight, bias, shape):
     """``(scale, offset)`` with ``(d - centre) r gamma + beta = d scale + offset``:
     ``scale = r gamma``, ``offset = beta - centre scale``, per statistics set (either parameter
-    may be None). For the norms whose sets are per sample: their output as one multiply-add of
-    the shifted input, whose backward sums per (sample, channel), the sums that the sets' and
-    the parameters' gradients both need (under torch.compile, one pass)."""
+    may be None). For the norms whose parameters are per channel: their output as one
+    multiply-add of the shifted input, whose backward takes two sums per channel (per sample
+    and channel for the per-sample norms), the sums that the sets' and the parameters'
+    gradients both need (under torch.compile, one pass)."""
     scale = r if weight is None else r * weight.to(r.dtype).reshape(shape)
     offset = -centre * scale
     return scale, (offset if bias is None else offset + bias.to(r.dtype).reshape(shape))
@@ -253,6 +259,19 @@ def _rms_eps(eps, input):
 # --------------------------------------------------------------------------------------------
 # BatchNorm
 # --------------------------------------------------------------------------------------------
+def _batch_moments(x, input):
+    """BatchNorm's statistics of ``x`` (``input`` in its compute dtype): ``(shift, mean_d,
+    var, n, d)``, per channel as (1, C, 1, ...), with the mean ``shift + mean_d``, the biased
+    variance over ``n`` values and ``d = x - shift`` (:func:`_shifted_sums`). An empty batch (n = 0) has none
+    (0 / 0): mean_d = 0 and var = 1 stand in, so the output stays empty and the parameters'
+    gradients 0, as torch's are, instead of 0 times NaN."""
+    view, dims, n = statistics_set(x, "batch")
+    shift, mean_d, m2, d = _shifted_sums(view, dims, n, None, _computes_wider(x, input))
+    if n == 0:
+        return shift, torch.zeros_like(mean_d), torch.ones_like(m2), n, d
+    return shift, mean_d, m2 / n, n, d
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     r"""Batch normalization, as ``torch.nn.functional.batch_norm``.
@@ -269,15 +288,19 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         return input.clone()
     x = input.to(_compute_dtype(input))
     if training:
-        view, dims, n = statistics_set(x, "batch")
-        centred, mean, var = _centred_moments(view, dims, n, _computes_wider(x, input))
+        shift, mean_d, var, n, d = _batch_moments(x, input)
         if n > 0:      # an empty batch (N = 0) has nothing to learn from: the estimates stay
-            _exponential_update_(running_mean, running_var, mean, var, n, momentum)
+            _exponential_update_(running_mean, running_var, shift + mean_d, var, n, momentum)
     else:
-        mean, var = _running_moments(running_mean, running_var, x)
-        centred = x - mean
-    x_hat = centred * _inverse_std(var, eps, "batch_norm")
-    y = _affine(x_hat, weight, bias, _channel_shape(input))
+        shift, var = _running_moments(running_mean, running_var, x)
+        mean_d, d = torch.zeros_like(shift), x - shift
+    r = _inverse_std(var, eps, "batch_norm")
+    # The output as one multiply-add per channel of the shifted input d = x - shift: d scale +
+    # offset, with scale = r gamma and offset = beta - mean_d scale. Its backward needs two sums
+    # per channel, of dy and of dy d, which serve the statistics' gradients and the
+    # parameters' alike (under torch.compile: one pass, as torch's own backward takes).
+    scale, offset = _scale_and_offset(mean_d, r, weight, bias, _channel_shape(input))
+    y = torch.addcmul(offset, d, scale)
     return _in_layout_of(y.to(input.dtype), input)
 
 
@@ -298,7 +321,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     x = input.to(_compute_dtype(input))
     if use_input_stats:
         view, dims, L = statistics_set(x, "instance")
-        own, centre, m2 = _shifted_sums(view, dims, L, None, _computes_wider(x, input))  # (N, C, 1, ...)
+        own, centre, m2, d = _shifted_sums(view, dims, L, None, _computes_wider(x, input))
         var = m2 / L
         if input.numel() > 0:
             # The batch's average of per-instance means and variances, each over L positions.
@@ -307,14 +330,14 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                  var.reshape(N_C).mean(0), L, momentum)
     else:
         own, var = _running_moments(running_mean, running_var, x)      # (1, C, 1, ...)
-        centre = torch.zeros_like(own)
+        centre, d = torch.zeros_like(own), x - own
     r = _inverse_std(var, eps, "instance_norm", constant_is_zero=use_input_stats)
-    # The output as one multiply-add per (sample, channel), (x - own) scale + offset: ``own`` is
-    # one element of each instance (or the running mean) and ``centre`` the mean less ``own``.
-    # Under torch.compile the backward then takes the per-(sample, channel) sums of dy and
-    # dy (x - own) in one pass, for the statistics' and the parameters' gradients alike.
+    # The output as one multiply-add per (sample, channel), d scale + offset with d = x - own:
+    # ``own`` is one element of each instance (or the running mean) and ``centre`` the mean
+    # less ``own``. Under torch.compile the backward then takes the per-(sample, channel) sums
+    # of dy and dy d in one pass, for the statistics' and the parameters' gradients alike.
     scale, offset = _scale_and_offset(centre, r, weight, bias, _channel_shape(input))
-    y = torch.addcmul(offset, x - own, scale)
+    y = torch.addcmul(offset, d, scale)
     return y.to(input.dtype).contiguous()     # torch returns instance norm contiguous, always
 
 
@@ -352,7 +375,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     check.group_norm(input, num_groups, weight, bias)
     x = input.to(_compute_dtype(input))
     view, dims, M = statistics_set(x, "group", num_groups=num_groups)   # (N, G, C//G, *spatial)
-    shift, mean_d, m2 = _shifted_sums(view, dims, M, None, _computes_wider(x, input))
+    shift, mean_d, m2, _ = _shifted_sums(view, dims, M, None, _computes_wider(x, input))
     r = _inverse_std(m2 / M, eps, "group_norm")
     # Each group's statistics repeated for its C // G channels, (N, C, 1, ...), and the output
     # as one multiply-add per (sample, channel): (x - own) scale + offset, ``own`` being one

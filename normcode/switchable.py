@@ -65,7 +65,7 @@ def _instance_moments(x, exact_terms):
         shift = x.detach()
         return shift, x - shift, torch.zeros_like(x)
     view, dims, L = statistics_set(x, "instance")
-    shift, mean_d, m2 = _shifted_sums(view, dims, L, None, exact_terms)
+    shift, mean_d, m2, _ = _shifted_sums(view, dims, L, None, exact_terms)
     return shift, mean_d, m2 / L
 
 

@@ -4,7 +4,8 @@
   torch.nn.functional, for every case of the chapter's table;
 - what a backward keeps (normcode.experiments.accuracy.backward_memory): manual keeps one
   full-size tensor, the input, and no more bytes than torch.nn but a small per-set amount;
-  autograd at least two full-size float64 intermediates and over 3.5 times manual's bytes;
+  autograd more than eight nodes, at least one full-size float64 intermediate and over 1.9
+  times manual's bytes;
   torch.nn's fused BatchNorm, GroupNorm and LayerNorm kernels one full-size tensor.
 """
 import pytest
@@ -58,7 +59,7 @@ def test_what_each_backward_keeps(name):
     assert kept["manual"]["full_size"] == 1 and kept["manual"]["nodes"] == 1
     assert kept["manual"]["bytes_per_element"] < 4.5
     assert kept["manual"]["bytes_per_element"] <= kept["torch.nn"]["bytes_per_element"] + 0.5
-    assert kept["autograd"]["full_size"] >= 2
-    assert kept["autograd"]["bytes_per_element"] > 3.5 * kept["manual"]["bytes_per_element"]
+    assert kept["autograd"]["full_size"] >= 1 and kept["autograd"]["nodes"] > 8
+    assert kept["autograd"]["bytes_per_element"] > 1.9 * kept["manual"]["bytes_per_element"]
     if name != "rms_norm":
         assert kept["torch.nn"]["full_size"] == 1 and kept["torch.nn"]["nodes"] == 1
