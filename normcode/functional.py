@@ -14,8 +14,9 @@ torch) and is math from then on. None of this calls torch's own normalization ro
 
 The formulation is written for ``torch.compile`` as much as for the reader: the statistics of a
 float32 input on the CPU take one pass over it (two reductions that inductor fuses into one
-loop), the normalization a second, and nothing autograd records is a correction whose
-derivative is identically zero.
+loop), the normalization a second, and no pass over the input is a correction whose
+derivative is identically zero (the one correction left, a guard on each set's M2 against
+rounding below 0, is kept outside the derivative).
 """
 import torch
 from torch._prims_common import suggest_memory_format   # the output layout rule of torch's kernels
@@ -35,11 +36,12 @@ COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
 
 #: The same on CUDA (and any other accelerator): float32 is computed in float32. float64 runs at
 #: 1/32 to 1/64 of the float32 rate on consumer GPUs, so widening would make normcode unusable
-#: there; torch's CUDA kernels accumulate in float32 too. What is to keep normcode's error at or
-#: below theirs is the formulation (``_shifted_sums``): a mean held as a shift plus a small
+#: there; torch's CUDA kernels accumulate in float32 too. What should keep normcode's error at
+#: or below theirs is the formulation (``_shifted_sums``): a mean held as a shift plus a small
 #: remainder, and two passes. tests/test_numerics.py checks it on CUDA where a GPU is present
 #: (none has run it yet), and runs this table's formulation on the CPU too (swapped in for the
-#: CPU's): within a few float32 roundings of the float64 result at means up to 1e6.
+#: CPU's): within about ten float32 ulps of the output's scale at means up to 1e6 (the test
+#: allows 32).
 ACCELERATOR_COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
                              torch.float32: torch.float32, torch.float64: torch.float64}
 
@@ -99,9 +101,10 @@ def _shifted_sums(x, dims, count, where, exact_terms):
     if exact_terms and where is None:
         m2 = total(d * d) - mean_d * sum_d
         # M2 >= 0, and so is this difference unless its rounding error reaches M2 itself:
-        # M2 >= max(d)^2 / 2 (the shift is an element, d = 0), so a plain float64 sum gets
-        # there only past about 2^26 elements. The guard moves such a value to 0 and leaves
-        # the derivative M2's. (A clamp's derivative would be 0 there, and under torch.compile
+        # M2 >= max|d|^2 / 2 (the shift is an element, d = 0), so a plain sum with unit
+        # roundoff u gets there only past about (2u)^-1/2 elements: 2^26 in float64 (a float32
+        # input), but about 2,900 in float32 (a float16 or bfloat16 input). The guard moves
+        # such a value to 0 and leaves the derivative M2's. (A clamp's derivative would be 0 there, and under torch.compile
         # its mask made the backward keep M2 and recompute 1/sqrt(M2/M + eps) per element.)
         m2 = m2 + (m2.detach().clamp_min(0) - m2.detach())
     else:
@@ -143,9 +146,9 @@ def _centred_moments(x, dims, count, exact_terms):
 
     What LayerNorm calls (BatchNorm, batch renormalization, GroupNorm and InstanceNorm write
     their output as a multiply-add of the shifted input, :func:`_scale_and_offset`).
-    ``centred`` is ``d - mean_d`` (``d = x - shift``): the mean is never rounded to ``x``'s format before
-    it is subtracted (in float32, a mean of 1e6 would carry an error of 0.03). ``exact_terms``:
-    one pass (see :func:`_shifted_sums`)."""
+    ``centred`` is ``d - mean_d`` (``d = x - shift``): the mean is never rounded to ``x``'s
+    format before it is subtracted (in float32, a mean of 1e6 would carry an error of 0.03).
+    ``exact_terms``: one pass (see :func:`_shifted_sums`)."""
     shift, mean_d, m2, d = _shifted_sums(x, dims, count, None, exact_terms)
     return d - mean_d, shift + mean_d, m2 / count
 
@@ -264,8 +267,8 @@ def _rms_eps(eps, input):
 def _batch_moments(x, input):
     """BatchNorm's statistics of ``x`` (``input`` in its compute dtype): ``(shift, mean_d,
     var, n, d)``, per channel as (1, C, 1, ...), with the mean ``shift + mean_d``, the biased
-    variance over ``n`` values and ``d = x - shift`` (:func:`_shifted_sums`). An empty batch (n = 0) has none
-    (0 / 0): mean_d = 0 and var = 1 stand in, so the output stays empty and the parameters'
+    variance over ``n`` values and ``d = x - shift`` (:func:`_shifted_sums`). An empty batch
+    (n = 0) has none (0 / 0): mean_d = 0 and var = 1 stand in, so the output stays empty and the parameters'
     gradients 0, as torch's are, instead of 0 times NaN."""
     view, dims, n = statistics_set(x, "batch")
     shift, mean_d, m2, d = _shifted_sums(view, dims, n, None, _computes_wider(x, input))

@@ -76,20 +76,21 @@ def test_float32_error_at_most_torchs(case, layout, mu, device, record):
     assert excess.max() <= 0, f"an element is off by more than half an ulp at mu={mu:g}"
 
 
-
 @pytest.mark.parametrize("case, layout, mu", PARAMS, ids=[f"{c}-{l}-mu={m:g}" for c, l, m in PARAMS])
 def test_accelerator_formulation_on_the_cpu(case, layout, mu, monkeypatch):
     """The float32-in-float32 formulation CUDA runs (ACCELERATOR_COMPUTE_DTYPE: two passes over
     the shifted values), simulated on the CPU by swapping that table in for the CPU's: its error
     stays within 32 float32 ulps of the output's scale at every mean (E[x^2] - E[x]^2 in float32
     would lose every digit at mu = 1e6, and torch's own CPU kernels are off by more than 1 on
-    some of these cases). This checks the formulation, not CUDA's
-    kernels: no GPU has run normcode yet (the test above runs on CUDA where one is present)."""
+    some of these cases). This checks the formulation, not CUDA's kernels: no GPU has run
+    normcode yet (the test above runs on CUDA where one is present)."""
     monkeypatch.setattr(normcode.functional, "COMPUTE_DTYPE",
                         dict(normcode.functional.ACCELERATOR_COMPUTE_DTYPE))
+    assert normcode.functional._compute_dtype(torch.empty(0)) is torch.float32   # swapped in
     y_ours, _, exact = run(*CASES[case][:3], layout, mu)
     error = (y_ours.double() - exact).abs().max().item()
     assert error <= 32 * torch.finfo(torch.float32).eps * exact.abs().max().item(), error
+
 
 def test_channels_last_group_norm_keeps_the_mean():
     """normcode's channels_last GroupNorm in float32 at mu = 1e3 stays at rounding level."""
