@@ -104,8 +104,9 @@ def _shifted_sums(x, dims, count, where, exact_terms):
         # M2 >= max|d|^2 / 2 (the shift is an element, d = 0), so a plain sum with unit
         # roundoff u gets there only past about (2u)^-1/2 elements: 2^26 in float64 (a float32
         # input), but about 2,900 in float32 (a float16 or bfloat16 input). The guard moves
-        # such a value to 0 and leaves the derivative M2's. (A clamp's derivative would be 0 there, and under torch.compile
-        # its mask made the backward keep M2 and recompute 1/sqrt(M2/M + eps) per element.)
+        # such a value to 0 and leaves the derivative M2's. (A clamp's derivative would be 0
+        # there, and under torch.compile its mask made the backward keep M2 and recompute
+        # 1/sqrt(M2/M + eps) per element.)
         m2 = m2 + (m2.detach().clamp_min(0) - m2.detach())
     else:
         centred = d - mean_d
@@ -268,8 +269,8 @@ def _batch_moments(x, input):
     """BatchNorm's statistics of ``x`` (``input`` in its compute dtype): ``(shift, mean_d,
     var, n, d)``, per channel as (1, C, 1, ...), with the mean ``shift + mean_d``, the biased
     variance over ``n`` values and ``d = x - shift`` (:func:`_shifted_sums`). An empty batch
-    (n = 0) has none (0 / 0): mean_d = 0 and var = 1 stand in, so the output stays empty and the parameters'
-    gradients 0, as torch's are, instead of 0 times NaN."""
+    (n = 0) has none (0 / 0): mean_d = 0 and var = 1 stand in, so the output stays empty and
+    the parameters' gradients 0, as torch's are, instead of 0 times NaN."""
     view, dims, n = statistics_set(x, "batch")
     shift, mean_d, m2, d = _shifted_sums(view, dims, n, None, _computes_wider(x, input))
     if n == 0:
@@ -297,8 +298,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         if n > 0:      # an empty batch (N = 0) has nothing to learn from: the estimates stay
             _exponential_update_(running_mean, running_var, shift + mean_d, var, n, momentum)
     else:
-        shift, var = _running_moments(running_mean, running_var, x)
-        mean_d, d = torch.zeros_like(shift), x - shift
+        shift, var = _running_moments(running_mean, running_var, x)   # shift: the running mean
+        mean_d, d = 0, x - shift
     r = _inverse_std(var, eps, "batch_norm")
     # The output as one multiply-add per channel of the shifted input d = x - shift: d scale +
     # offset, with scale = r gamma and offset = beta - mean_d scale. Its backward needs two sums
@@ -335,7 +336,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                  var.reshape(N_C).mean(0), L, momentum)
     else:
         own, var = _running_moments(running_mean, running_var, x)      # (1, C, 1, ...)
-        centre, d = torch.zeros_like(own), x - own
+        centre, d = 0, x - own
     r = _inverse_std(var, eps, "instance_norm", constant_is_zero=use_input_stats)
     # The output as one multiply-add per (sample, channel), d scale + offset with d = x - own:
     # ``own`` is one element of each instance (or the running mean) and ``centre`` the mean

@@ -21,10 +21,11 @@ RMSNorm is the same without the centring: drop :math:`\overline{g}` and :math:`\
 What the backward keeps is the input (in its own dtype) and, per statistics set, the mean and
 ``r``; autograd through :mod:`normcode.functional` keeps one to three full-size intermediates
 in the computation dtype (float64 for a float32 input on the CPU). The statistics are computed
-once, in the forward, by the functional's own ``normcode.functional._shifted_sums`` (one pass over the input on the CPU); the backward
-recomputes :math:`\hat{x}` from the saved input and takes two sums per set. It runs in place
-on its own temporaries; when autograd records it (``create_graph=True``, double backward) it
-is written in differentiable torch operations instead, so that it has a derivative of its own.
+once, in the forward, by the functional's own ``normcode.functional._shifted_sums`` (one pass
+over the input on the CPU); the backward recomputes :math:`\hat{x}` from the saved input and
+takes two sums per set. It runs in place on its own temporaries; when autograd records it
+(``create_graph=True``, double backward) it is written in differentiable torch operations
+instead, so that it has a derivative of its own.
 """
 import contextlib
 import math
